@@ -1,0 +1,70 @@
+"""MediaPacket: one encoded frame as it travels through the SFU, never decoded.
+
+aiortc's ``RTCRtpSender`` packs anything that is not a decoded ``Frame`` through
+the codec's ``pack()``, which only reads ``bytes(packet)``, ``packet.pts`` and
+``packet.time_base``.  A small immutable object with those three is cheaper than
+an ``av.Packet`` (no copy into FFmpeg memory) and can be shared by every
+subscriber of a track; a subscriber that needs other timestamps gets a copy via
+:meth:`MediaPacket.with_pts`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from fractions import Fraction
+
+VIDEO_TIME_BASE = Fraction(1, 90000)
+AUDIO_TIME_BASE = Fraction(1, 48000)
+
+
+@dataclass(frozen=True, slots=True)
+class MediaPacket:
+    """One encoded frame (VP8, H.264 Annex B or Opus)."""
+
+    data: bytes
+    pts: int
+    time_base: Fraction
+    keyframe: bool
+    kind: str  # "audio" | "video"
+
+    def __bytes__(self) -> bytes:
+        return self.data
+
+    def with_pts(self, pts: int) -> MediaPacket:
+        return MediaPacket(self.data, pts, self.time_base, self.keyframe, self.kind)
+
+
+def is_vp8_keyframe(data: bytes) -> bool:
+    """VP8 payload header (RFC 6386 9.1): bit 0 of the first byte is 0 on key frames."""
+    return len(data) > 0 and data[0] & 1 == 0
+
+
+def is_h264_keyframe(data: bytes) -> bool:
+    """Annex B stream containing an IDR slice (5) or a sequence parameter set (7)."""
+    i = 0
+    n = len(data)
+    while i + 3 < n:
+        if data[i] == 0 and data[i + 1] == 0:
+            if data[i + 2] == 1:
+                start = i + 3
+            elif data[i + 2] == 0 and data[i + 3] == 1:
+                start = i + 4
+            else:
+                i += 1
+                continue
+            if start < n and data[start] & 0x1F in (5, 7):
+                return True
+            i = start
+        else:
+            i += 1
+    return False
+
+
+def is_keyframe(mime_type: str, data: bytes) -> bool:
+    mime = mime_type.lower()
+    if mime == "video/vp8":
+        return is_vp8_keyframe(data)
+    if mime == "video/h264":
+        return is_h264_keyframe(data)
+    # audio frames are independently decodable
+    return True

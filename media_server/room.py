@@ -1,0 +1,165 @@
+"""MediaRoom and MediaParticipant: who publishes what, and who receives it."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Coroutine, Mapping
+from typing import Any
+
+from aiortc import RTCConfiguration
+
+from .errors import NegotiationError
+from .forwarder import Forwarder
+from .publisher import PublisherConnection
+from .subscriber import SubscriberConnection, SubscriberEvents
+
+logger = logging.getLogger(__name__)
+
+TrackListener = Callable[[Forwarder, bool], None]  # (forwarder, published?)
+
+
+class MediaParticipant:
+    def __init__(
+        self,
+        room: MediaRoom,
+        participant_id: str,
+        events: SubscriberEvents,
+        *,
+        can_publish: bool,
+        can_subscribe: bool,
+        on_failed: Callable[[], None],
+    ) -> None:
+        self.room = room
+        self.id = participant_id
+        self.can_publish = can_publish
+        self._on_failed = on_failed
+        self.publisher: PublisherConnection | None = None
+        self.subscriber = (
+            SubscriberConnection(participant_id, room.config, events) if can_subscribe else None
+        )
+        self.closed = False
+
+    def __repr__(self) -> str:
+        return f"MediaParticipant({self.room.id}/{self.id})"
+
+    async def publish(self, sdp: str, sources: Mapping[str, str]) -> str:
+        if not self.can_publish:
+            raise NegotiationError("participant may not publish")
+        if self.closed:
+            raise NegotiationError("participant has left")
+        if self.publisher is None:
+            self.publisher = PublisherConnection(
+                self.id,
+                self.room.config,
+                on_published=self.room.track_published,
+                on_unpublished=self.room.track_unpublished,
+                on_failed=self._on_failed,
+            )
+        return await self.publisher.handle_offer(sdp, sources)
+
+    async def subscribe_answer(self, sdp: str) -> None:
+        if self.subscriber is None:
+            raise NegotiationError("participant does not subscribe")
+        await self.subscriber.handle_answer(sdp)
+
+    async def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        if self.publisher is not None:
+            await self.publisher.close()
+        if self.subscriber is not None:
+            await self.subscriber.close()
+
+
+class MediaRoom:
+    def __init__(self, room_id: str, config: RTCConfiguration) -> None:
+        self.id = room_id
+        self.config = config
+        self.participants: dict[str, MediaParticipant] = {}
+        self.forwarders: dict[str, Forwarder] = {}
+        self.listeners: list[TrackListener] = []
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def __repr__(self) -> str:
+        return f"MediaRoom({self.id})"
+
+    async def join(
+        self,
+        participant_id: str,
+        events: SubscriberEvents,
+        *,
+        can_publish: bool,
+        can_subscribe: bool,
+        on_failed: Callable[[], None],
+    ) -> MediaParticipant:
+        old = self.participants.get(participant_id)
+        if old is not None:
+            await self.leave(participant_id)
+        participant = MediaParticipant(
+            self,
+            participant_id,
+            events,
+            can_publish=can_publish,
+            can_subscribe=can_subscribe,
+            on_failed=on_failed,
+        )
+        self.participants[participant_id] = participant
+        if participant.subscriber is not None:
+            for forwarder in list(self.forwarders.values()):
+                if forwarder.info.participant_id != participant_id:
+                    await participant.subscriber.add(forwarder)
+        return participant
+
+    async def leave(self, participant_id: str) -> None:
+        participant = self.participants.pop(participant_id, None)
+        if participant is not None:
+            await participant.close()
+
+    # -- track lifecycle (called by PublisherConnection) ---------------------
+
+    def track_published(self, forwarder: Forwarder) -> None:
+        self.forwarders[forwarder.info.id] = forwarder
+        for participant in list(self.participants.values()):
+            sub = participant.subscriber
+            if sub is not None and participant.id != forwarder.info.participant_id:
+                self._spawn(sub.add(forwarder))
+        self._notify(forwarder, True)
+
+    def track_unpublished(self, forwarder: Forwarder) -> None:
+        if self.forwarders.get(forwarder.info.id) is forwarder:
+            del self.forwarders[forwarder.info.id]
+        for participant in list(self.participants.values()):
+            sub = participant.subscriber
+            if sub is not None:
+                self._spawn(sub.remove(forwarder.info.id))
+        self._notify(forwarder, False)
+
+    def _notify(self, forwarder: Forwarder, published: bool) -> None:
+        for listener in list(self.listeners):
+            try:
+                listener(forwarder, published)
+            except Exception:
+                logger.exception("%r: track listener failed", self)
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            logger.warning("%r: subscription update failed: %r", self, task.exception())
+
+    @property
+    def empty(self) -> bool:
+        return not self.participants
+
+    async def close(self) -> None:
+        for participant_id in list(self.participants):
+            await self.leave(participant_id)
+        for task in list(self._tasks):
+            task.cancel()
+        self._tasks.clear()

@@ -1,0 +1,170 @@
+"""Subscriber connection: the SFU offers everyone else's tracks to one participant.
+
+One offerer (the server), serialised negotiations, and transceiver reuse: a
+transceiver freed by a departed track is rebound to the next track of the same
+kind without renegotiation, which keeps the SDP small in long councils.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from aiortc import RTCConfiguration, RTCPeerConnection, RTCRtpTransceiver, RTCSessionDescription
+
+from . import hooks
+from .downtrack import DownTrack
+from .errors import BadSdp, NegotiationError
+from .forwarder import Forwarder, TrackInfo
+from .rtc import MAX_SDP_BYTES, prefer_forwardable_codecs
+
+logger = logging.getLogger(__name__)
+
+
+class SubscriberEvents(Protocol):
+    """How the subscriber connection talks to its client (implemented by signalling)."""
+
+    async def subscribe_offer(self, sdp: str, tracks: list[dict[str, str]]) -> None: ...
+
+    async def track_published(self, track: dict[str, str]) -> None: ...
+
+    async def track_unpublished(self, track: dict[str, str]) -> None: ...
+
+
+@dataclass
+class Slot:
+    """One sendonly transceiver and its DownTrack, possibly carrying nothing."""
+
+    kind: str
+    downtrack: DownTrack
+    transceiver: RTCRtpTransceiver
+    info: TrackInfo | None = None
+    negotiated: bool = False
+    stats: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def mid(self) -> str | None:
+        mid = self.transceiver.mid
+        return None if mid is None else str(mid)
+
+
+class SubscriberConnection:
+    def __init__(self, participant_id: str, config: RTCConfiguration, events: SubscriberEvents):
+        self.participant_id = participant_id
+        self._events = events
+        self._pc = RTCPeerConnection(config)
+        self._slots: list[Slot] = []
+        self._lock = asyncio.Lock()
+        self._awaiting_answer = False
+        self._renegotiate = False
+        self._closed = False
+
+    def __repr__(self) -> str:
+        return f"SubscriberConnection({self.participant_id})"
+
+    @property
+    def slots(self) -> list[Slot]:
+        return list(self._slots)
+
+    def slot_for(self, track_id: str) -> Slot | None:
+        for slot in self._slots:
+            if slot.info is not None and slot.info.id == track_id:
+                return slot
+        return None
+
+    async def add(self, forwarder: Forwarder) -> None:
+        """Start sending ``forwarder``'s track to this subscriber."""
+        async with self._lock:
+            if self._closed or self.slot_for(forwarder.info.id) is not None:
+                return
+            slot = self._free_slot(forwarder.info.kind)
+            if slot is None:
+                slot = self._new_slot(forwarder.info.kind)
+            slot.info = forwarder.info
+            slot.downtrack.bind(forwarder)
+            if slot.mid is not None:
+                await self._events.track_published(forwarder.info.to_json(slot.mid))
+                return
+        await self.negotiate()
+
+    async def remove(self, track_id: str) -> None:
+        async with self._lock:
+            slot = self.slot_for(track_id)
+            if slot is None or slot.info is None:
+                return
+            info, slot.info = slot.info, None
+            slot.downtrack.unbind()
+            if slot.mid is not None:
+                await self._events.track_unpublished(info.to_json(slot.mid))
+
+    def _free_slot(self, kind: str) -> Slot | None:
+        for slot in self._slots:
+            if slot.kind == kind and slot.info is None:
+                return slot
+        return None
+
+    def _new_slot(self, kind: str) -> Slot:
+        label = f"{self.participant_id}/{kind}{len(self._slots)}"
+        downtrack = DownTrack(kind, label)
+        transceiver = self._pc.addTransceiver(downtrack, direction="sendonly")
+        prefer_forwardable_codecs(transceiver)
+        hooks.tap_sender(
+            transceiver.sender, hooks.SenderFeedback(on_keyframe_request=downtrack.request_keyframe)
+        )
+        slot = Slot(kind, downtrack, transceiver)
+        self._slots.append(slot)
+        return slot
+
+    async def negotiate(self) -> None:
+        """Send an offer covering every slot; queued if one is already outstanding."""
+        async with self._lock:
+            if self._closed:
+                return
+            if self._awaiting_answer:
+                self._renegotiate = True
+                return
+            if not any(not s.negotiated for s in self._slots):
+                return
+            offer = await self._pc.createOffer()
+            await self._pc.setLocalDescription(offer)
+            self._awaiting_answer = True
+            self._renegotiate = False
+            tracks = [s.info.to_json(s.mid) for s in self._slots if s.info is not None]
+            sdp = str(self._pc.localDescription.sdp)
+        logger.debug("%r: offering %d slots", self, len(self._slots))
+        await self._events.subscribe_offer(sdp, tracks)
+
+    async def handle_answer(self, sdp: str) -> None:
+        if len(sdp.encode()) > MAX_SDP_BYTES:
+            raise BadSdp("SDP too large")
+        async with self._lock:
+            if not self._awaiting_answer:
+                raise NegotiationError("no subscribe offer is outstanding")
+            try:
+                await self._pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="answer"))
+            except (ValueError, AssertionError, KeyError, TypeError, AttributeError) as exc:
+                raise BadSdp(f"answer could not be applied: {exc}") from exc
+            except Exception as exc:
+                raise NegotiationError(f"answer could not be applied: {exc}") from exc
+            self._awaiting_answer = False
+            newly = [s for s in self._slots if not s.negotiated and s.mid is not None]
+            for slot in newly:
+                slot.negotiated = True
+            again = self._renegotiate
+        if again:
+            await self.negotiate()
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for slot in self._slots:
+            slot.info = None
+            slot.downtrack.stop()
+        await self._pc.close()
+
+    @property
+    def connection_state(self) -> str:
+        return str(self._pc.connectionState)

@@ -1,0 +1,89 @@
+"""The aiohttp application factory: resources opened and closed in cleanup contexts."""
+
+from __future__ import annotations
+
+import logging
+import socket
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+from aiohttp import web
+
+from media_server.sfu import MediaMode, Sfu
+
+from .appkeys import ROOMS, SETTINGS, SFU, STORE, TOKENS
+from .auth import TokenAuthority
+from .errors import KonsiliumError, error_response, json_error
+from .rest_rooms import add_room_routes
+from .rest_tokens import add_token_routes
+from .rooms import RoomRegistry
+from .session import websocket_handler
+from .settings import Settings
+from .store_factory import open_store
+
+logger = logging.getLogger(__name__)
+
+MAX_REQUEST_BYTES = 1024 * 1024
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@web.middleware
+async def json_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """One error shape for the REST API; pages keep aiohttp's own."""
+    try:
+        return await handler(request)
+    except KonsiliumError as exc:
+        return error_response(exc)
+    except web.HTTPException as exc:
+        if not request.path.startswith("/api/") or exc.status < 400:
+            raise
+        return json_error(exc.status, exc.reason.lower().replace(" ", "_"), exc.reason)
+
+
+async def _tokens_ctx(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    app[TOKENS] = TokenAuthority.load_or_create(settings.data_dir, settings.token_key_file)
+    yield
+
+
+async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
+    store = await open_store(app[SETTINGS].redis_url)
+    app[STORE] = store
+    yield
+    await store.close()
+
+
+async def _sfu_ctx(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    sfu = Sfu(settings.ice_servers, MediaMode(settings.media_mode))
+    app[SFU] = sfu
+    yield
+    await sfu.close()
+
+
+async def _rooms_ctx(app: web.Application) -> AsyncIterator[None]:
+    node_id = f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}"
+    registry = RoomRegistry(app[STORE], app[SFU], node_id)
+    app[ROOMS] = registry
+    yield
+    await registry.close()
+
+
+async def healthz(request: web.Request) -> web.Response:
+    sfu = request.app[SFU]
+    return web.json_response({"status": "ok", "rooms": len(sfu.rooms), "media_mode": str(sfu.mode)})
+
+
+def create_app(settings: Settings) -> web.Application:
+    app = web.Application(client_max_size=MAX_REQUEST_BYTES, middlewares=[json_errors])
+    app[SETTINGS] = settings
+    app.cleanup_ctx.extend([_tokens_ctx, _store_ctx, _sfu_ctx, _rooms_ctx])
+    app.router.add_get("/ws", websocket_handler)
+    app.router.add_get("/healthz", healthz)
+    add_token_routes(app)
+    add_room_routes(app)
+    from web.pages import setup_web
+
+    setup_web(app)
+    return app

@@ -1,0 +1,78 @@
+"""REST view of rooms for an integrating system (admin API key)."""
+
+from __future__ import annotations
+
+import hmac
+
+from aiohttp import web
+
+from .appkeys import ROOMS, SETTINGS, STORE
+from .errors import Forbidden, NotFound, Unauthorized
+from .protocol import ROOM_ID_RE
+
+
+def require_admin(request: web.Request) -> None:
+    key = request.app[SETTINGS].admin_api_key
+    if not key:
+        raise Forbidden(
+            "the admin API is disabled: no admin API key is configured", code="disabled"
+        )
+    header = request.headers.get("Authorization", "")
+    given = header[7:] if header.startswith("Bearer ") else ""
+    if not given or not hmac.compare_digest(given.encode(), key.encode()):
+        raise Unauthorized("a valid admin API key is required")
+
+
+async def list_rooms(request: web.Request) -> web.Response:
+    require_admin(request)
+    live = request.app[ROOMS].rooms
+    rooms = await request.app[STORE].list_rooms()
+    return web.json_response(
+        {
+            "rooms": [
+                {
+                    "id": r.id,
+                    "title": r.title,
+                    "created_at": r.created_at,
+                    "live": r.id in live,
+                    "participants": len(live[r.id].participants) if r.id in live else 0,
+                }
+                for r in rooms
+            ]
+        }
+    )
+
+
+async def get_room(request: web.Request) -> web.Response:
+    require_admin(request)
+    room_id = request.match_info["room"]
+    if not ROOM_ID_RE.match(room_id):
+        raise NotFound("no such room")
+    record = await request.app[STORE].get_room(room_id)
+    if record is None:
+        raise NotFound("no such room")
+    participants = await request.app[STORE].list_participants(room_id)
+    return web.json_response(
+        {
+            "id": record.id,
+            "title": record.title,
+            "created_at": record.created_at,
+            "participants": [
+                {
+                    "id": p.participant_id,
+                    "name": p.name,
+                    "clinic": p.clinic,
+                    "tier": p.tier,
+                    "role": p.role,
+                    "state": p.state,
+                    "joined_at": p.joined_at,
+                }
+                for p in participants
+            ],
+        }
+    )
+
+
+def add_room_routes(app: web.Application) -> None:
+    app.router.add_get("/api/rooms", list_rooms)
+    app.router.add_get("/api/rooms/{room}", get_room)

@@ -102,7 +102,9 @@ class Session:
 
     async def _await_join(self) -> Join | None:
         try:
-            msg = await self.ws.receive(timeout=JOIN_TIMEOUT_S)
+            # an overall deadline: aiohttp restarts receive(timeout) on every heartbeat pong
+            async with asyncio.timeout(JOIN_TIMEOUT_S):
+                msg = await self.ws.receive()
         except TimeoutError:
             await self.kick("join_timeout", "no join message within 10 s", CLOSE_TIMEOUT)
             return None

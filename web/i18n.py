@@ -1,0 +1,273 @@
+"""User-visible strings of the browser pages, Russian (default) and English.
+
+Every key exists in every language; the tests check it. Strings with ``{name}``
+placeholders are formatted in the browser (room.js), never in Python.
+"""
+
+from __future__ import annotations
+
+DEFAULT_LANGUAGE = "ru"
+
+MESSAGES: dict[str, dict[str, str]] = {
+    "ru": {
+        # product and pages
+        "app_name": "Консилиум",
+        "app_tagline": "Телемедицинские консилиумы по видеосвязи",
+        "index_title": "Консилиум — видеосвязь для врачебных консилиумов",
+        "index_join_heading": "Как подключиться",
+        "index_join_text": (
+            "Председатель консилиума присылает каждому участнику личную ссылку. "
+            "Откройте её в браузере Chromium, Chrome, Яндекс Браузере или Firefox "
+            "и разрешите доступ к камере и микрофону."
+        ),
+        "index_weak_link_text": (
+            "Связь рассчитана и на слабые каналы (спутник, 3G): при нехватке скорости "
+            "видео становится проще, а звук сохраняется."
+        ),
+        "index_privacy_text": (
+            "Ссылка личная: не пересылайте её другим. Ключ доступа остаётся в браузере "
+            "и не передаётся в адресе запроса."
+        ),
+        "lang_label": "Язык",
+        "lang_ru": "Русский",
+        "lang_en": "English",
+        "not_found_title": "Страница не найдена",
+        "not_found_text": "Такой комнаты нет. Проверьте ссылку, присланную председателем.",
+        "back_home": "На главную",
+        "skip_to_content": "Перейти к содержимому",
+        # room page
+        "room_title": "Консилиум",
+        "room_label": "Комната",
+        "participants_label": "Участники",
+        "participants_count": "Участников: {n}",
+        "waiting_for_others": "Ожидаем других участников…",
+        "you": "Вы",
+        "you_suffix": "(вы)",
+        "local_preview": "Ваша камера",
+        "controls_label": "Управление",
+        "notices_label": "Сообщения",
+        "connection_label": "Состояние связи",
+        "camera_mute": "Выключить камеру",
+        "camera_unmute": "Включить камеру",
+        "microphone_mute": "Выключить микрофон",
+        "microphone_unmute": "Включить микрофон",
+        "leave": "Покинуть консилиум",
+        "rejoin": "Войти снова",
+        "enable_sound": "Включить звук",
+        "dismiss": "Закрыть",
+        "camera_muted": "Камера выключена",
+        "microphone_muted": "Микрофон выключен",
+        "screen_share": "Показ экрана",
+        "no_video": "Нет видео",
+        # connection states
+        "state_connecting": "Подключение…",
+        "state_connected": "Подключено",
+        "state_reconnecting": "Переподключение…",
+        "state_disconnected": "Отключено",
+        "state_failed": "Нет связи",
+        "reconnect_in": "Повторное подключение через {s} с",
+        # tiers and roles
+        "tier_district": "Районная больница",
+        "tier_regional": "Региональный центр",
+        "tier_federal": "Федеральный центр",
+        "role_chair": "Председатель",
+        "role_consultant": "Консультант",
+        "role_observer": "Наблюдатель",
+        # notices
+        "no_token": (
+            "В ссылке нет ключа доступа. Откройте полную ссылку, "
+            "которую прислал председатель консилиума."
+        ),
+        "media_unavailable": (
+            "Камера и микрофон недоступны: другие участники вас не видят и не слышат. "
+            "Проверьте разрешения браузера и подключение устройств."
+        ),
+        "camera_unavailable": "Камера недоступна: вы участвуете только со звуком.",
+        "webrtc_unsupported": (
+            "Этот браузер не поддерживает видеосвязь (WebRTC). "
+            "Используйте Chromium, Chrome, Яндекс Браузер или Firefox."
+        ),
+        "observer_notice": "Вы наблюдатель: другие участники вас не видят и не слышат.",
+        "you_left": "Вы покинули консилиум.",
+        "participant_joined": "{name} подключается к консилиуму",
+        "participant_left": "{name} покидает консилиум",
+        "participant_disconnected": "{name}: связь потеряна",
+        "publish_failed": "Не удалось передать ваше видео и звук. Обновите страницу.",
+        "subscribe_failed": "Не удалось принять видео участников. Пробуем снова…",
+        "media_connection_lost": "Потеряна связь для видео и звука. Переподключаемся…",
+        # protocol error codes (docs/protocol.md)
+        "error_bad_message": "Сервер отклонил сообщение страницы.",
+        "error_unsupported_version": (
+            "Версия страницы не поддерживается сервером. Обновите страницу."
+        ),
+        "error_not_joined": "Сеанс не начат. Обновите страницу.",
+        "error_join_timeout": "Сервер не дождался входа в консилиум.",
+        "error_invalid_token": (
+            "Ключ доступа в ссылке недействителен. Запросите новую ссылку у председателя."
+        ),
+        "error_token_expired": "Срок действия ссылки истёк. Запросите новую ссылку у председателя.",
+        "error_token_not_yet_valid": "Ссылка ещё не действует: консилиум пока не начался.",
+        "error_wrong_room": "Эта ссылка выдана для другого консилиума.",
+        "error_forbidden": "Недостаточно прав для этого действия.",
+        "error_bad_sdp": "Не удалось согласовать параметры видеосвязи.",
+        "error_replaced": "Вы подключились к консилиуму в другом окне или на другом устройстве.",
+        "error_internal": "Внутренняя ошибка сервера.",
+        "error_unknown": "Ошибка: {message}",
+        "close_unauthorized": "Доступ не подтверждён.",
+        "close_forbidden": "Доступ запрещён.",
+    },
+    "en": {
+        # product and pages
+        "app_name": "Konsilium",
+        "app_tagline": "Telemedicine video councils",
+        "index_title": "Konsilium — video for medical councils",
+        "index_join_heading": "How to join",
+        "index_join_text": (
+            "The council chair sends every participant a personal link. "
+            "Open it in Chromium, Chrome, Yandex Browser or Firefox "
+            "and allow access to the camera and microphone."
+        ),
+        "index_weak_link_text": (
+            "Weak links (satellite, 3G) are supported: when bandwidth is short, "
+            "video gets simpler while audio keeps going."
+        ),
+        "index_privacy_text": (
+            "The link is personal: do not forward it. Its access key stays in the browser "
+            "and is never sent in a request address."
+        ),
+        "lang_label": "Language",
+        "lang_ru": "Русский",
+        "lang_en": "English",
+        "not_found_title": "Page not found",
+        "not_found_text": "There is no such room. Check the link the chair sent you.",
+        "back_home": "Home",
+        "skip_to_content": "Skip to content",
+        # room page
+        "room_title": "Konsilium",
+        "room_label": "Room",
+        "participants_label": "Participants",
+        "participants_count": "Participants: {n}",
+        "waiting_for_others": "Waiting for other participants…",
+        "you": "You",
+        "you_suffix": "(you)",
+        "local_preview": "Your camera",
+        "controls_label": "Controls",
+        "notices_label": "Messages",
+        "connection_label": "Connection status",
+        "camera_mute": "Turn camera off",
+        "camera_unmute": "Turn camera on",
+        "microphone_mute": "Mute microphone",
+        "microphone_unmute": "Unmute microphone",
+        "leave": "Leave the council",
+        "rejoin": "Join again",
+        "enable_sound": "Turn sound on",
+        "dismiss": "Dismiss",
+        "camera_muted": "Camera off",
+        "microphone_muted": "Microphone muted",
+        "screen_share": "Screen share",
+        "no_video": "No video",
+        # connection states
+        "state_connecting": "Connecting…",
+        "state_connected": "Connected",
+        "state_reconnecting": "Reconnecting…",
+        "state_disconnected": "Disconnected",
+        "state_failed": "Connection failed",
+        "reconnect_in": "Reconnecting in {s} s",
+        # tiers and roles
+        "tier_district": "District hospital",
+        "tier_regional": "Regional centre",
+        "tier_federal": "Federal centre",
+        "role_chair": "Chair",
+        "role_consultant": "Consultant",
+        "role_observer": "Observer",
+        # notices
+        "no_token": "The link has no access key. Open the full link the council chair sent you.",
+        "media_unavailable": (
+            "Camera and microphone are unavailable: the others cannot see or hear you. "
+            "Check the browser permissions and that the devices are connected."
+        ),
+        "camera_unavailable": "The camera is unavailable: you take part with audio only.",
+        "webrtc_unsupported": (
+            "This browser does not support video calls (WebRTC). "
+            "Use Chromium, Chrome, Yandex Browser or Firefox."
+        ),
+        "observer_notice": "You are an observer: the others cannot see or hear you.",
+        "you_left": "You left the council.",
+        "participant_joined": "{name} is joining the council",
+        "participant_left": "{name} left the council",
+        "participant_disconnected": "{name}: connection lost",
+        "publish_failed": "Could not send your video and audio. Reload the page.",
+        "subscribe_failed": "Could not receive the participants' video. Retrying…",
+        "media_connection_lost": "The media connection was lost. Reconnecting…",
+        # protocol error codes (docs/protocol.md)
+        "error_bad_message": "The server rejected a message from this page.",
+        "error_unsupported_version": (
+            "The server does not support this page version. Reload the page."
+        ),
+        "error_not_joined": "The session has not started. Reload the page.",
+        "error_join_timeout": "The server stopped waiting for the join.",
+        "error_invalid_token": "The link's access key is not valid. Ask the chair for a new link.",
+        "error_token_expired": "The link has expired. Ask the chair for a new link.",
+        "error_token_not_yet_valid": "The link is not valid yet: the council has not started.",
+        "error_wrong_room": "This link was issued for another council.",
+        "error_forbidden": "You are not allowed to do this.",
+        "error_bad_sdp": "Could not negotiate the video call parameters.",
+        "error_replaced": "You joined this council from another window or device.",
+        "error_internal": "Internal server error.",
+        "error_unknown": "Error: {message}",
+        "close_unauthorized": "Access was not confirmed.",
+        "close_forbidden": "Access denied.",
+    },
+}
+
+SUPPORTED_LANGUAGES: tuple[str, ...] = tuple(MESSAGES)
+
+
+def _normalise(tag: str) -> str | None:
+    """``en-GB`` -> ``en`` when supported, else None."""
+    primary = tag.strip().lower().split("-", 1)[0].split("_", 1)[0]
+    return primary if primary in MESSAGES else None
+
+
+def _parse_accept_language(header: str) -> str | None:
+    """Best supported language of an Accept-Language header (RFC 9110 q-values)."""
+    best: tuple[float, int, str] | None = None
+    for index, item in enumerate(header.split(",")):
+        parts = item.strip().split(";")
+        tag = parts[0].strip()
+        if not tag or tag == "*":
+            continue
+        quality = 1.0
+        for param in parts[1:]:
+            name, _, value = param.strip().partition("=")
+            if name.strip().lower() == "q":
+                try:
+                    quality = float(value)
+                except ValueError:
+                    quality = 0.0
+        lang = _normalise(tag)
+        if lang is None or quality <= 0:
+            continue
+        # higher quality first, then the earlier entry
+        key = (quality, -index, lang)
+        if best is None or key[:2] > best[:2]:
+            best = key
+    return best[2] if best else None
+
+
+def pick_language(query_lang: str | None, accept_language: str | None) -> str:
+    """``?lang=`` wins, then the Accept-Language header, then Russian."""
+    if query_lang:
+        lang = _normalise(query_lang)
+        if lang is not None:
+            return lang
+    if accept_language:
+        lang = _parse_accept_language(accept_language)
+        if lang is not None:
+            return lang
+    return DEFAULT_LANGUAGE
+
+
+def translations(lang: str) -> dict[str, str]:
+    """All strings for ``lang`` (Russian for an unknown language); a copy."""
+    return dict(MESSAGES.get(lang, MESSAGES[DEFAULT_LANGUAGE]))

@@ -21,6 +21,7 @@ from typing import Any
 import aiohttp
 from aiortc import MediaStreamTrack, RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError
+from aiortc.sdp import SessionDescription
 
 from . import hooks
 from .clip import Clip, load_clip
@@ -99,8 +100,6 @@ class ReceivedTrack:
 @dataclass
 class BotStats:
     joined_at: float | None = None
-    video_sent: int = 0
-    audio_sent: int = 0
     received: dict[tuple[str, str], ReceivedTrack] = field(default_factory=dict)
 
     def frames_from(self, participant_id: str, kind: str = "video") -> int:
@@ -112,8 +111,6 @@ class BotStats:
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "video_sent": self.video_sent,
-            "audio_sent": self.audio_sent,
             "received": {
                 f"{pid}/{kind}": {"frames": t.frames, "keyframes": t.keyframes, "bytes": t.bytes}
                 for (pid, kind), t in self.received.items()
@@ -130,6 +127,9 @@ class Bot:
         *,
         clip: Clip | None = None,
         publish: bool = True,
+        audio: bool = True,
+        remb: bool = True,
+        light: bool = False,
         ice_urls: Sequence[str] = (),
     ) -> None:
         self.url = url.rstrip("/")
@@ -137,6 +137,11 @@ class Bot:
         self._token = token
         self._clip = clip
         self._publish = publish
+        self._publish_audio = audio
+        self._remb = remb
+        self._light = light
+        self._ssrc_mid: dict[int, str] = {}
+        self._seq: dict[int, tuple[int, bool]] = {}  # ssrc -> (next seq, gap since last marker)
         self._config = rtc_configuration(ice_urls)
         self.stats = BotStats()
         self.participant: dict[str, Any] = {}
@@ -155,7 +160,7 @@ class Bot:
         self._published = asyncio.Event()
         self._changed = asyncio.Event()
         self._closed = False
-        hooks.install_passthrough()
+        hooks.prepare_process()
 
     @property
     def id(self) -> str:
@@ -195,7 +200,10 @@ class Bot:
         self._audio = ClipTrack("audio", clip.audio, 0.02, 960)
         pc = self._pub = RTCPeerConnection(self._config)
         tracks = []
-        for track, source in ((self._video, "camera"), (self._audio, "microphone")):
+        sources: list[tuple[ClipTrack, str]] = [(self._video, "camera")]
+        if self._publish_audio:
+            sources.append((self._audio, "microphone"))
+        for track, source in sources:
             transceiver = pc.addTransceiver(track, direction="sendonly")
             prefer_forwardable_codecs(transceiver)
             hooks.tap_sender(
@@ -293,9 +301,17 @@ class Bot:
         if self._sub is None:
             self._sub = RTCPeerConnection(self._config)
             self._sub.on("track", self._on_track)
+            if self._light:
+                self._sub.on("connectionstatechange", self._go_light)
         pc = self._sub
+        self._ssrc_mid.update(_media_ssrcs_by_mid(sdp))
         await pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="offer"))
-        await pc.setLocalDescription(await pc.createAnswer())
+        answer = await pc.createAnswer()
+        if not self._remb:
+            # without abs-send-time the server sends no timing for bandwidth estimation and
+            # this bot skips aiortc's per-packet estimator: a cheaper load generator
+            answer = RTCSessionDescription(sdp=_without_abs_send_time(answer.sdp), type="answer")
+        await pc.setLocalDescription(answer)
         await self._send({"type": "subscribe_answer", "sdp": pc.localDescription.sdp})
 
     # -- receiving ----------------------------------------------------------
@@ -310,24 +326,55 @@ class Bot:
         try:
             while True:
                 item = await track.recv()
-                info = self.mids.get(mid)
-                if info is None:
-                    continue
-                key = (info["participant_id"], info["kind"])
-                stats = self.stats.received.get(key)
-                if stats is None:
-                    stats = ReceivedTrack(info["participant_id"], info["kind"], info["source"])
-                    self.stats.received[key] = stats
-                now = time.monotonic()
-                stats.frames += 1
-                stats.bytes += len(bytes(item)) if isinstance(item, MediaPacket) else 0
-                if getattr(item, "keyframe", False):
-                    stats.keyframes += 1
-                if stats.first_frame_at is None:
-                    stats.first_frame_at = now
-                stats.last_frame_at = now
+                size = len(bytes(item)) if isinstance(item, MediaPacket) else 0
+                self._count_frame(mid, size, bool(getattr(item, "keyframe", False)))
         except MediaStreamError:
             pass
+
+    def _count_frame(self, mid: str, size: int, keyframe: bool) -> None:
+        info = self.mids.get(mid)
+        if info is None:
+            return
+        key = (info["participant_id"], info["kind"])
+        stats = self.stats.received.get(key)
+        if stats is None:
+            stats = ReceivedTrack(info["participant_id"], info["kind"], info["source"])
+            self.stats.received[key] = stats
+        now = time.monotonic()
+        stats.frames += 1
+        stats.bytes += size
+        if keyframe:
+            stats.keyframes += 1
+        if stats.first_frame_at is None:
+            stats.first_frame_at = now
+        stats.last_frame_at = now
+
+    async def _go_light(self) -> None:
+        """Benchmark viewers: count frames from RTP headers once the connection is up."""
+        pc = self._sub
+        if pc is None or pc.connectionState != "connected":
+            return
+        transceivers = pc.getTransceivers()
+        if transceivers:
+            hooks.count_rtp_headers(transceivers[0].receiver.transport, self._on_rtp_header)
+
+    def _on_rtp_header(self, data: bytes) -> None:
+        """A frame is counted when its last packet (marker bit) arrives with no gap before it."""
+        if len(data) < 12:
+            return
+        ssrc = int.from_bytes(data[8:12], "big")
+        mid = self._ssrc_mid.get(ssrc)
+        if mid is None:
+            return  # RTX or unknown
+        seq = int.from_bytes(data[2:4], "big")
+        expected, gap = self._seq.get(ssrc, (seq, False))
+        if seq != expected:
+            gap = True
+        if data[1] & 0x80:
+            if not gap:
+                self._count_frame(mid, 0, False)
+            gap = False
+        self._seq[ssrc] = ((seq + 1) & 0xFFFF, gap)
 
     # -- observation helpers --------------------------------------------------
 
@@ -351,6 +398,22 @@ class Bot:
         task = asyncio.ensure_future(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+
+ABS_SEND_TIME_URI = "http://www.webrtc.org/experiments/rtp-hdrext/abs-send-time"
+
+
+def _media_ssrcs_by_mid(sdp: str) -> dict[int, str]:
+    """The first (media, not RTX) SSRC of each m-section of the server's offer, with its mid."""
+    out: dict[int, str] = {}
+    for media in SessionDescription.parse(sdp).media:
+        if media.ssrc and media.rtp.muxId:
+            out[media.ssrc[0].ssrc] = str(media.rtp.muxId)
+    return out
+
+
+def _without_abs_send_time(sdp: str) -> str:
+    return "".join(line for line in sdp.splitlines(keepends=True) if ABS_SEND_TIME_URI not in line)
 
 
 # -- command line ------------------------------------------------------------
@@ -393,9 +456,8 @@ async def _run_bot(args: argparse.Namespace) -> int:
                     max(args.duration, 0.1) if args.duration else args.report_every,
                 )
             )
-            report = bot.stats.to_json()
-            report["video_sent"] = bot.sent("video")
-            report["audio_sent"] = bot.sent("audio")
+            report = {"video_sent": bot.sent("video"), "audio_sent": bot.sent("audio")}
+            report.update(bot.stats.to_json())
             print(json.dumps({"event": "stats", **report}), flush=True)
     finally:
         await bot.stop()

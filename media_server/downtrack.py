@@ -78,6 +78,10 @@ class DownTrack(MediaStreamTrack):
         self._queue.clear()
 
     @property
+    def queued(self) -> int:
+        return len(self._queue)
+
+    @property
     def bound(self) -> bool:
         return self.forwarder is not None
 

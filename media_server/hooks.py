@@ -4,16 +4,25 @@ aiortc 1.16 has no public seam for forwarding media without decoding it, for
 asking a publisher for a keyframe, or for reading the RTCP feedback that a
 subscriber sends to one of our senders.  The seams used here:
 
-* ``aiortc.rtcrtpreceiver.get_decoder`` — the module global that the
-  receiver's decoder thread calls; replaced so that "decoding" a reassembled
-  frame yields a :class:`MediaPacket` (the remote track becomes a packet stream).
-* ``JitterFrame.data`` / ``.timestamp`` — what the decoder thread hands over.
+* ``RTCRtpReceiver.__decoder_queue`` — where ``_handle_rtp_packet`` puts each
+  reassembled ``(codec, JitterFrame)``; replaced (in a wrapper around
+  ``RTCRtpReceiver.receive``, before the decoder thread starts) by a queue whose
+  ``put`` turns the frame into a :class:`MediaPacket` and hands it to the remote
+  track's asyncio queue ``RemoteStreamTrack._queue`` on the loop thread: the
+  remote track becomes a packet stream and no thread touches the packets.
+* ``JitterFrame.data`` / ``.timestamp`` — the reassembled frame.
 * ``RTCRtpReceiver._send_rtcp_pli(ssrc)`` — sends a PLI to the publisher.
 * ``RTCRtpReceiver._RTCRtpReceiver__rtx_ssrc`` — RTX SSRCs, to exclude them.
 * ``RTCRtpSender._handle_rtcp_packet`` — the per-sender RTCP entry point that
   the DTLS transport looks up on the instance for every packet; wrapped per
   instance to observe PLI/FIR, REMB and receiver reports.
 * ``RTCRtpSender._ssrc`` — the sender's media SSRC.
+* ``RTCDtlsTransport._rx_srtp`` / ``._handle_rtp_data`` — only for the
+  benchmark's light viewers (see :func:`count_rtp_headers`).
+* ``aiortc.clock.current_ntp_time`` / ``current_ms`` — replaced by faster
+  equivalents (see :func:`install_fast_clock`).
+* ``aioice.ice.StunProtocol.connection_made`` — where each ICE socket appears;
+  wrapped to enlarge the kernel buffers (see :func:`enlarge_udp_buffers`).
 
 ``check_hooks()`` fails loudly when any of these is gone; a unit test calls it
 and an integration test proves the whole path with real media.
@@ -23,12 +32,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
+import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any
 
+import aiortc.clock as aiortc_clock
 import aiortc.rtcrtpreceiver as _receiver_module
+from aioice.ice import StunProtocol
 from aiortc import RTCRtpReceiver, RTCRtpSender
 from aiortc.rtp import (
     RTCP_PSFB_APP,
@@ -72,44 +86,181 @@ class PassthroughDecoder:
         ]
 
 
-@dataclass
-class _PassthroughState:
-    original: Callable[[Any], Any]
+class _DirectQueue:
+    """Stands in for a receiver's decoder queue: delivers packets on the event-loop thread.
+
+    aiortc's receiver puts each reassembled frame into a ``queue.Queue`` that a
+    decoder thread per receiver drains, handing results back with
+    ``run_coroutine_threadsafe``.  With dozens of receivers in one process those
+    threads fight the event loop for the GIL, the loop falls behind its UDP
+    sockets and the kernel drops packets.  ``put`` is called by
+    ``_handle_rtp_packet`` on the loop thread, so the packet can go straight into
+    the remote track's asyncio queue; the decoder thread still starts but only
+    waits in ``get`` until the receiver stops.
+    """
+
+    def __init__(self, receiver: RTCRtpReceiver) -> None:
+        self._receiver = receiver
+        self._stopped = threading.Event()
+        self._decoder: PassthroughDecoder | None = None
+        self._mime = ""
+
+    def put(self, task: Any) -> None:
+        if task is None:  # the receiver is stopping: release the waiting thread
+            self._stopped.set()
+            return
+        codec, encoded_frame = task
+        mime = str(codec.mimeType).lower()
+        if self._decoder is None or mime != self._mime:
+            self._decoder = PassthroughDecoder(mime, int(codec.clockRate))
+            self._mime = mime
+        track = self._receiver._track
+        if track is None:
+            return
+        track_queue = track._queue
+        for packet in self._decoder.decode(encoded_frame):
+            track_queue.put_nowait(packet)
+
+    def get(self) -> None:
+        self._stopped.wait()
+        return None
 
 
-_STATE_ATTR = "_konsilium_passthrough"
-_GET_DECODER = "get_decoder"  # the module global decoder_worker looks up
+_DECODER_QUEUE_ATTR = "_RTCRtpReceiver__decoder_queue"
+_DECODER_THREAD_ATTR = "_RTCRtpReceiver__decoder_thread"
+_ORIGINAL_RECEIVE = "_konsilium_original_receive"
 
 
 def install_passthrough() -> None:
     """Make every RTCRtpReceiver in this process deliver MediaPackets instead of frames.
 
-    Idempotent. Codecs other than VP8/H.264/Opus keep aiortc's real decoder.
+    Idempotent. Receivers of codecs other than VP8/H.264/Opus are left to aiortc.
     """
-    if getattr(_receiver_module, _STATE_ATTR, None) is not None:
+    if getattr(RTCRtpReceiver, _ORIGINAL_RECEIVE, None) is not None:
         return
-    original: Callable[[Any], Any] = getattr(_receiver_module, _GET_DECODER)
+    original = RTCRtpReceiver.receive
 
-    def get_decoder(codec: Any) -> Any:
-        mime = str(codec.mimeType).lower()
-        if mime in PASSTHROUGH_MIME_TYPES:
-            return PassthroughDecoder(mime, int(codec.clockRate))
-        return original(codec)
+    async def receive(self: RTCRtpReceiver, parameters: Any) -> None:
+        codecs = [str(c.mimeType).lower() for c in parameters.codecs]
+        media = [m for m in codecs if not m.endswith("/rtx")]
+        # receive() runs again on every renegotiation: swap only before the thread starts
+        started = getattr(self, _DECODER_THREAD_ATTR, None) is not None
+        if not started and media and all(m in PASSTHROUGH_MIME_TYPES for m in media):
+            setattr(self, _DECODER_QUEUE_ATTR, _DirectQueue(self))
+        await original(self, parameters)
 
-    setattr(_receiver_module, _STATE_ATTR, _PassthroughState(original))
-    setattr(_receiver_module, _GET_DECODER, get_decoder)
+    setattr(RTCRtpReceiver, _ORIGINAL_RECEIVE, original)
+    RTCRtpReceiver.receive = receive  # type: ignore[method-assign]
 
 
 def uninstall_passthrough() -> None:
-    state: _PassthroughState | None = getattr(_receiver_module, _STATE_ATTR, None)
-    if state is None:
+    original = getattr(RTCRtpReceiver, _ORIGINAL_RECEIVE, None)
+    if original is None:
         return
-    setattr(_receiver_module, _GET_DECODER, state.original)
-    setattr(_receiver_module, _STATE_ATTR, None)
+    RTCRtpReceiver.receive = original  # type: ignore[method-assign]
+    setattr(RTCRtpReceiver, _ORIGINAL_RECEIVE, None)
 
 
 def passthrough_installed() -> bool:
-    return getattr(_receiver_module, _STATE_ATTR, None) is not None
+    return getattr(RTCRtpReceiver, _ORIGINAL_RECEIVE, None) is not None
+
+
+UDP_BUFFER_BYTES = 2 * 1024 * 1024
+_ORIGINAL_CONNECTION_MADE = "_konsilium_original_connection_made"
+
+
+def enlarge_udp_buffers(size: int = UDP_BUFFER_BYTES) -> None:
+    """Give every ICE socket of this process a larger kernel receive/send buffer.
+
+    asyncio reads one datagram per socket per loop iteration, so while the loop
+    is busy (a renegotiation, a DTLS handshake) packets queue in the kernel; the
+    default ~200 KB (~50 packets on loopback) overflows within tens of ms and the
+    lost keyframes turn into NACK/PLI storms.  The kernel caps the value at
+    net.core.rmem_max / wmem_max.  Idempotent; patches aioice's StunProtocol.
+    """
+    if getattr(StunProtocol, _ORIGINAL_CONNECTION_MADE, None) is not None:
+        return
+    original = StunProtocol.connection_made
+
+    def connection_made(self: StunProtocol, transport: Any) -> None:
+        original(self, transport)
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+                try:
+                    sock.setsockopt(socket.SOL_SOCKET, option, size)
+                except OSError as exc:
+                    logger.debug("could not enlarge UDP buffer: %s", exc)
+
+    setattr(StunProtocol, _ORIGINAL_CONNECTION_MADE, original)
+    StunProtocol.connection_made = connection_made  # type: ignore[method-assign]
+
+
+NTP_UNIX_OFFSET_S = 2208988800  # seconds from 1900-01-01 to 1970-01-01
+
+
+def _fast_ntp_time() -> int:
+    now = time.time() + NTP_UNIX_OFFSET_S
+    seconds = int(now)
+    return (seconds << 32) | int((now - seconds) * 4294967296)
+
+
+def _fast_ms() -> int:
+    return int((time.time() + NTP_UNIX_OFFSET_S) * 1000)
+
+
+def install_fast_clock() -> None:
+    """Replace aiortc's NTP clock helpers with float arithmetic.
+
+    aiortc builds a timezone-aware datetime and subtracts another twice for every
+    RTP packet it sends (abs-send-time and the SR timestamp): about 5 % of the
+    forwarding loop.  Same values, no datetime objects.  Idempotent.
+    """
+    aiortc_clock.current_ntp_time = _fast_ntp_time
+    aiortc_clock.current_ms = _fast_ms
+
+
+def prepare_process() -> None:
+    """Everything a process that forwards packets with aiortc needs, once."""
+    check_hooks()
+    install_passthrough()
+    enlarge_udp_buffers()
+    install_fast_clock()
+
+
+class _HeaderOnlySrtp:
+    """SRTP session stand-in that leaves RTP as received (header readable, payload encrypted)."""
+
+    def __init__(self, real: Any) -> None:
+        self._real = real
+
+    def unprotect(self, data: bytes) -> bytes:
+        return data
+
+    def unprotect_rtcp(self, data: bytes) -> bytes:
+        return bytes(self._real.unprotect_rtcp(data))
+
+
+def count_rtp_headers(dtls_transport: Any, on_rtp: Callable[[bytes], None]) -> None:
+    """Load generators only: hand each incoming SRTP packet's bytes to ``on_rtp`` undecrypted.
+
+    SRTP leaves the RTP header in clear, so a benchmark viewer can count complete
+    frames (sequence numbers and marker bits per SSRC) without paying for
+    decryption, reassembly and the receive-side estimators.  Uses
+    ``RTCDtlsTransport._rx_srtp`` (set when DTLS completes) and
+    ``RTCDtlsTransport._handle_rtp_data``.  RTCP is still decrypted and handled.
+    """
+    real = getattr(dtls_transport, "_rx_srtp", None)
+    if real is None:
+        raise HookError("the DTLS transport has no SRTP session yet")
+    if isinstance(real, _HeaderOnlySrtp):
+        return
+    dtls_transport._rx_srtp = _HeaderOnlySrtp(real)
+
+    async def handle_rtp_data(data: bytes, arrival_time_ms: int) -> None:
+        on_rtp(data)
+
+    dtls_transport._handle_rtp_data = handle_rtp_data
 
 
 def media_ssrcs(receiver: RTCRtpReceiver) -> list[int]:
@@ -202,11 +353,17 @@ def _dispatch_feedback(sender: RTCRtpSender, feedback: SenderFeedback, packet: A
 
 def check_hooks() -> None:
     """Raise HookError naming the first aiortc internal that is missing."""
-    if not callable(getattr(_receiver_module, "get_decoder", None)):
-        raise HookError("aiortc.rtcrtpreceiver.get_decoder is gone: passthrough cannot work")
+    handler_names = RTCRtpReceiver._handle_rtp_packet.__code__.co_names
+    if _DECODER_QUEUE_ATTR not in handler_names or "put" not in handler_names:
+        raise HookError("RTCRtpReceiver._handle_rtp_packet no longer feeds __decoder_queue")
+    receive = getattr(RTCRtpReceiver, _ORIGINAL_RECEIVE, None) or RTCRtpReceiver.receive
+    if not {_DECODER_QUEUE_ATTR, _DECODER_THREAD_ATTR} <= set(receive.__code__.co_names):
+        raise HookError("RTCRtpReceiver.receive no longer hands __decoder_queue to the thread")
     worker = getattr(_receiver_module, "decoder_worker", None)
-    if worker is None or "get_decoder" not in worker.__code__.co_names:
-        raise HookError("aiortc's decoder_worker no longer calls get_decoder")
+    if worker is None or "get" not in worker.__code__.co_names:
+        raise HookError("aiortc's decoder_worker no longer reads its input queue with get()")
+    if "_queue" not in _receiver_module.RemoteStreamTrack.__init__.__code__.co_names:
+        raise HookError("RemoteStreamTrack no longer keeps an asyncio _queue")
     if not callable(getattr(RTCRtpReceiver, "_send_rtcp_pli", None)):
         raise HookError("RTCRtpReceiver._send_rtcp_pli is gone: keyframe requests cannot work")
     if not callable(getattr(RTCRtpSender, "_handle_rtcp_packet", None)):
@@ -214,6 +371,16 @@ def check_hooks() -> None:
     init_names = RTCRtpReceiver.__init__.__code__.co_names
     if "_RTCRtpReceiver__rtx_ssrc" not in init_names and "__rtx_ssrc" not in init_names:
         raise HookError("RTCRtpReceiver no longer keeps __rtx_ssrc")
+    from aiortc.rtcdtlstransport import RTCDtlsTransport
+
+    recv_names = RTCDtlsTransport._recv_next.__code__.co_names
+    if not {"_rx_srtp", "unprotect", "_handle_rtp_data"} <= set(recv_names):
+        raise HookError("RTCDtlsTransport._recv_next no longer uses _rx_srtp/_handle_rtp_data")
+    for name in ("current_ntp_time", "current_ms"):
+        if not callable(getattr(aiortc_clock, name, None)):
+            raise HookError(f"aiortc.clock.{name} is gone: the fast clock cannot replace it")
+    if not callable(getattr(StunProtocol, "connection_made", None)):
+        raise HookError("aioice StunProtocol.connection_made is gone: buffers cannot be sized")
     sender_names = RTCRtpSender._next_encoded_frame.__code__.co_names
     if "pack" not in sender_names:
         raise HookError("RTCRtpSender no longer packs pre-encoded packets")

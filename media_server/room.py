@@ -153,6 +153,35 @@ class MediaRoom:
         if not task.cancelled() and task.exception() is not None:
             logger.warning("%r: subscription update failed: %r", self, task.exception())
 
+    def stats(self) -> dict[str, Any]:
+        """Counters per published track and per subscriber slot (JSON-ready)."""
+        tracks = {
+            track_id: {
+                "packets": f.packets,
+                "keyframes": f.keyframes,
+                "keyframe_requests_sent": f.keyframe_requests_sent,
+                "sinks": f.sink_count,
+            }
+            for track_id, f in self.forwarders.items()
+        }
+        subscribers: dict[str, list[dict[str, Any]]] = {}
+        for participant in self.participants.values():
+            sub = participant.subscriber
+            if sub is None:
+                continue
+            subscribers[participant.id] = [
+                {
+                    "mid": slot.mid,
+                    "track": slot.info.id if slot.info else None,
+                    "forwarded": slot.downtrack.frames_forwarded,
+                    "dropped": slot.downtrack.frames_dropped,
+                    "overflows": slot.downtrack.overflows,
+                    "queued": slot.downtrack.queued,
+                }
+                for slot in sub.slots
+            ]
+        return {"room": self.id, "tracks": tracks, "subscribers": subscribers}
+
     @property
     def empty(self) -> bool:
         return not self.participants

@@ -27,10 +27,10 @@ class Sfu:
         self.config = rtc_configuration(self.ice_urls)
         self.rooms: dict[str, MediaRoom] = {}
         if mode is MediaMode.FORWARD:
-            hooks.check_hooks()
-            hooks.install_passthrough()
-        elif hooks.passthrough_installed():
+            hooks.prepare_process()
+        else:
             hooks.uninstall_passthrough()
+            hooks.enlarge_udp_buffers()
         self._closed = False
 
     def room(self, room_id: str) -> MediaRoom:

@@ -6,7 +6,7 @@ import hmac
 
 from aiohttp import web
 
-from .appkeys import ROOMS, SETTINGS, STORE
+from .appkeys import ROOMS, SETTINGS, SFU, STORE
 from .errors import Forbidden, NotFound, Unauthorized
 from .protocol import ROOM_ID_RE
 
@@ -73,6 +73,16 @@ async def get_room(request: web.Request) -> web.Response:
     )
 
 
+async def room_media(request: web.Request) -> web.Response:
+    """Live forwarding counters of a room on this node (for operators and benchmarks)."""
+    require_admin(request)
+    room = request.app[SFU].rooms.get(request.match_info["room"])
+    if room is None:
+        raise NotFound("the room has no live media on this node")
+    return web.json_response(room.stats())
+
+
 def add_room_routes(app: web.Application) -> None:
     app.router.add_get("/api/rooms", list_rooms)
     app.router.add_get("/api/rooms/{room}", get_room)
+    app.router.add_get("/api/rooms/{room}/media", room_media)

@@ -94,7 +94,12 @@ def check_hooks() -> None:
     # receives through datagram_received (called by asyncio / TurnClient).
     uses(StunProtocol.send_data, "sendto", "aioice StunProtocol.send_data() -> transport.sendto")
     uses(StunProtocol.send_stun, "sendto", "aioice StunProtocol.send_stun() -> transport.sendto")
-    uses(StunProtocol.connection_made, "transport", "aioice StunProtocol.transport")
+    # media_server.hooks.enlarge_udp_buffers may wrap connection_made: look at the original
+    connection_made = (
+        getattr(StunProtocol, "_konsilium_original_connection_made", None)
+        or StunProtocol.connection_made
+    )
+    uses(connection_made, "transport", "aioice StunProtocol.transport")
     if not callable(getattr(StunProtocol, "datagram_received", None)):
         problems.append("aioice StunProtocol.datagram_received()")
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import aiortc.rtcrtpreceiver as receiver_module
+from aiortc import RTCRtpReceiver
 
 from media_server import hooks
 
@@ -13,16 +13,25 @@ def test_check_hooks_passes_on_the_pinned_aiortc() -> None:
 
 def test_passthrough_install_is_idempotent_and_reversible() -> None:
     was = hooks.passthrough_installed()
-    original = receiver_module.get_decoder  # type: ignore[attr-defined]
     try:
         hooks.uninstall_passthrough()
-        plain = receiver_module.get_decoder  # type: ignore[attr-defined]
+        plain = RTCRtpReceiver.receive
         hooks.install_passthrough()
         hooks.install_passthrough()
-        assert receiver_module.get_decoder is not plain  # type: ignore[attr-defined]
+        assert RTCRtpReceiver.receive is not plain
+        hooks.check_hooks()  # still sees the original internals through the wrapper
         hooks.uninstall_passthrough()
-        assert receiver_module.get_decoder is plain  # type: ignore[attr-defined]
+        assert RTCRtpReceiver.receive is plain
     finally:
         if was:
             hooks.install_passthrough()
-        assert receiver_module.get_decoder is original or was  # type: ignore[attr-defined]
+
+
+def test_fast_clock_matches_aiortc_clock() -> None:
+    import aiortc.clock as clock
+
+    reference = clock.datetime_to_ntp(clock.current_datetime())
+    fast = hooks._fast_ntp_time()
+    # same NTP epoch and resolution: within 50 ms of each other
+    assert abs(fast - reference) < int(0.05 * (1 << 32))
+    assert abs(hooks._fast_ms() - int((clock.current_datetime() - clock.NTP_EPOCH).total_seconds() * 1000)) < 50

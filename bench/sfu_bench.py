@@ -180,6 +180,8 @@ def print_table(results: list[RoomResult]) -> None:
         "bots_cpu",
         "jff_p50",
         "jff_p95",
+        "plis",
+        "overflows",
     ]
     heads = [
         "mode",
@@ -191,6 +193,8 @@ def print_table(results: list[RoomResult]) -> None:
         "bots CPU %",
         "join→frame p50 s",
         "p95 s",
+        "PLIs",
+        "overflows",
     ]
     rows = [[str(r.row()[c]) for c in cols] for r in results]
     widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(heads)]

@@ -1,8 +1,9 @@
 """DownTrack: what one subscriber receives on one transceiver.
 
 A DownTrack is the track of one of the subscriber connection's senders for the
-whole life of that connection.  It is *bound* to a Forwarder (a published
-track) and can be rebound to another one later: aiortc has no removeTrack, and
+whole life of that connection.  It is *bound* to a source — a Forwarder (a
+published track as received) or a ladder rung — and can be rebound to another
+one later: aiortc has no removeTrack, and
 a sender whose track ends stops for good, so a transceiver freed by a
 departed participant is reused by re-binding its DownTrack.
 
@@ -18,15 +19,36 @@ import asyncio
 import logging
 import time
 from collections import deque
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from aiortc import MediaStreamTrack
 from aiortc.mediastreams import MediaStreamError
 
 from .packet import MediaPacket
 
-if TYPE_CHECKING:
-    from .forwarder import Forwarder
+
+class Source(Protocol):
+    """Where a DownTrack's packets come from: a Forwarder (original) or a ladder rung."""
+
+    def attach(self, sink: Any) -> None: ...
+
+    def detach(self, sink: Any) -> None: ...
+
+    def request_keyframe(self) -> None: ...
+
+
+class _PendingFeed:
+    """Receives a source a DownTrack is switching to, until that source sends a keyframe."""
+
+    def __init__(self, downtrack: DownTrack, source: Source, same_timeline: bool) -> None:
+        self.downtrack = downtrack
+        self.source = source
+        self.same_timeline = same_timeline
+
+    def push(self, item: Any) -> None:
+        if getattr(item, "keyframe", True):
+            self.downtrack._promote(self, item)
+
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +67,8 @@ class DownTrack(MediaStreamTrack):
         self._queue: deque[Any] = deque()
         self._waiter: asyncio.Future[None] | None = None
         self._closed = False
-        self.forwarder: Forwarder | None = None
+        self.source: Source | None = None
+        self._pending: _PendingFeed | None = None
         self._need_keyframe = kind == "video"
         # timestamp rebasing
         self._rebase = True
@@ -56,25 +79,69 @@ class DownTrack(MediaStreamTrack):
         self.frames_forwarded = 0
         self.frames_dropped = 0
         self.overflows = 0
+        self.switches = 0
         self.first_frame_at: float | None = None
 
     # -- binding ---------------------------------------------------------
 
-    def bind(self, forwarder: Forwarder) -> None:
-        if self.forwarder is forwarder:
+    def bind(self, source: Source) -> None:
+        """Carry ``source`` from its next keyframe on (a new track: nothing to keep)."""
+        if self.source is source and self._pending is None:
             return
         self.unbind()
-        self.forwarder = forwarder
+        self.source = source
         self._need_keyframe = self.kind == "video"
         self._rebase = True
-        forwarder.attach(self)
+        source.attach(self)
         if self._need_keyframe:
-            forwarder.request_keyframe()
+            source.request_keyframe()
+
+    def switch(self, source: Source, *, same_timeline: bool = True) -> None:
+        """Move to another version of the same picture without a gap.
+
+        The current source keeps flowing until ``source`` delivers a keyframe;
+        then the DownTrack moves over on that keyframe (make before break).
+        ``same_timeline``: the new source's timestamps continue the current
+        ones (a ladder rung of the same track), so no rebase is needed.
+        """
+        if self.source is None or self.kind != "video":
+            self.bind(source)
+            return
+        if self.source is source:
+            self._cancel_pending()
+            return
+        if self._pending is not None and self._pending.source is source:
+            return
+        self._cancel_pending()
+        self._pending = _PendingFeed(self, source, same_timeline)
+        source.attach(self._pending)
+        source.request_keyframe()
+
+    def _promote(self, pending: _PendingFeed, keyframe: Any) -> None:
+        if pending is not self._pending or self._closed:
+            return
+        self._pending = None
+        pending.source.detach(pending)
+        old, self.source = self.source, pending.source
+        if old is not None:
+            old.detach(self)
+        pending.source.attach(self)
+        self.switches += 1
+        if not pending.same_timeline:
+            self._rebase = True
+        self._need_keyframe = False
+        self.push(keyframe)
+
+    def _cancel_pending(self) -> None:
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.source.detach(pending)
 
     def unbind(self) -> None:
-        forwarder, self.forwarder = self.forwarder, None
-        if forwarder is not None:
-            forwarder.detach(self)
+        self._cancel_pending()
+        source, self.source = self.source, None
+        if source is not None:
+            source.detach(self)
         self._queue.clear()
 
     @property
@@ -83,7 +150,7 @@ class DownTrack(MediaStreamTrack):
 
     @property
     def bound(self) -> bool:
-        return self.forwarder is not None
+        return self.source is not None
 
     # -- producer side (Forwarder) ----------------------------------------
 
@@ -103,8 +170,8 @@ class DownTrack(MediaStreamTrack):
             if self.kind == "video" and not getattr(item, "keyframe", True):
                 self._need_keyframe = True
                 self.frames_dropped += 1
-                if self.forwarder is not None:
-                    self.forwarder.request_keyframe()
+                if self.source is not None:
+                    self.source.request_keyframe()
                 logger.info("%s: queue overflow, waiting for keyframe", self.label)
                 return
         self._queue.append(item)
@@ -114,8 +181,8 @@ class DownTrack(MediaStreamTrack):
 
     def request_keyframe(self) -> None:
         """The subscriber lost a picture (PLI/FIR): ask the publisher."""
-        if self.forwarder is not None:
-            self.forwarder.request_keyframe()
+        if self.source is not None:
+            self.source.request_keyframe()
 
     # -- consumer side (RTCRtpSender) --------------------------------------
 

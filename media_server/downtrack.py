@@ -210,7 +210,8 @@ class DownTrack(MediaStreamTrack):
         if self._rebase:
             self._rebase = False
             if self._last_out_pts is None:
-                self._offset = -packet.pts
+                # the sender adds its own random origin: the first source needs no rebase
+                self._offset = 0
             else:
                 # continue the previous timeline as if real time had passed
                 clock = packet.time_base.denominator // max(packet.time_base.numerator, 1)

@@ -1,0 +1,255 @@
+"""BandwidthEstimator: how many bits per second one subscriber can take.
+
+One estimator per subscriber connection.  It is pure: no I/O, no asyncio, no
+clock of its own; every input carries the time it was observed (``now``, in
+seconds on any monotonic clock) and the output is asked for at a given time.
+
+Inputs
+------
+* ``on_remb(bps, now)`` — the REMB the subscriber sends about our senders (its
+  receive-side, delay-based estimate).  aiortc receivers send none for the
+  first ~3 s and then raise it by at most 8 %/s, never above 1.5x what they
+  receive + 10 kbit/s; browsers behave alike (libwebrtc ``AimdRateControl``).
+* ``on_receiver_report(fraction_lost, rtt_s, now)`` — one RTCP receiver report
+  block (per sender, so several arrive per report interval).
+* ``on_delivered(nbytes, now)`` — bytes we handed to the subscriber's transport;
+  gives the *delivered rate* over the last second.
+
+Rule (Google congestion control's loss-based controller, with REMB as the
+delay-based one)
+---------------------------------------------------------------------------
+The estimate is ``min(REMB, loss-based rate)``, clamped to ``[floor, ceiling]``
+and held with hysteresis, down fast and up slowly:
+
+* **REMB drop** — followed at once: the estimate never exceeds the last REMB.
+* **loss > 10 %** — congestion: the estimate is cut to
+  ``min(estimate, delivered rate) x (1 - 0.5 x loss)``.  The delivered rate is
+  used because the allocator may be sending far less than the estimate (rungs
+  are coarse): the link is known to be smaller than what we actually sent.
+  Cuts are spaced by at least ``300 ms + RTT`` (libwebrtc's
+  ``kBweDecreaseInterval``) so the several report blocks of one RTCP compound,
+  or two reports about the same burst, do not compound into a collapse.  The
+  first report with heavy loss acts immediately.
+* **2 % <= loss <= 10 %** — hold: nothing changes, and the "good" clock restarts.
+* **loss < 2 %** — once every report for the last ``increase_after_s`` (2 s)
+  has been below 2 %, the estimate may rise, by at most 8 % per second
+  (compounded over the elapsed time), and never above the last REMB.  A REMB
+  older than ``remb_max_age_s`` (5 s) no longer caps the rise: aiortc
+  receivers send REMB per video stream, so a paused video's REMB stops, and
+  its last (low) value must not keep the video paused forever.
+
+Why: aiortc cannot probe (no padding, no pacing, no transport-cc), so the only
+way to learn that a link got better is to send more; a slow, multiplicative
+rise, combined with ladder rungs about 1.45x apart and the allocator's streak
+of calls before an upgrade, makes each step up a small, bounded probe.  A decrease, on
+the other hand, must be fast: on a satellite link a few seconds of overshoot
+means queued audio.  The hold band (2-10 %) absorbs random, non-congestion
+loss on satellite/3G links without flapping.
+
+The estimate starts at ``initial_bps``.  Without receiver reports it never
+rises (no evidence that the link is clean); before the first REMB only the
+loss rule and the ceiling bound it.  Receiver reports of every sender of the
+subscriber go into the same estimator: heavy loss on any stream cuts, loss in
+the hold band on any stream stops the rise.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass
+
+LOSS_INCREASE_BELOW = 0.02
+LOSS_DECREASE_ABOVE = 0.10
+
+
+@dataclass(frozen=True, slots=True)
+class EstimatorConfig:
+    """Tunables; defaults follow the rule in the module docstring."""
+
+    initial_bps: int = 1_000_000
+    floor_bps: int = 40_000
+    ceiling_bps: int = 20_000_000
+    increase_per_s: float = 0.08  # multiplicative, compounded
+    increase_after_s: float = 2.0  # of loss < LOSS_INCREASE_BELOW before any rise
+    loss_increase_below: float = LOSS_INCREASE_BELOW
+    loss_decrease_above: float = LOSS_DECREASE_ABOVE
+    decrease_interval_s: float = 0.3  # + RTT between two loss cuts
+    delivered_window_s: float = 1.0
+    # After a loss cut on a link that is clean again, climb quickly back to this share
+    # of the REMB (the receiver's delay-based estimate, capped by what it receives).
+    remb_recovery_fraction: float = 0.0  # 0 = off: only the slow rise
+    remb_recovery_per_s: float = 0.5
+    remb_max_age_s: float = 5.0  # an older REMB no longer caps the rise
+
+    def __post_init__(self) -> None:
+        if not 0 < self.floor_bps <= self.initial_bps <= self.ceiling_bps:
+            raise ValueError("need 0 < floor_bps <= initial_bps <= ceiling_bps")
+        if self.increase_per_s < 0 or self.increase_after_s < 0:
+            raise ValueError("increase_per_s and increase_after_s must be >= 0")
+        if not 0 <= self.loss_increase_below <= self.loss_decrease_above <= 1:
+            raise ValueError("need 0 <= loss_increase_below <= loss_decrease_above <= 1")
+        if self.delivered_window_s <= 0 or self.decrease_interval_s < 0:
+            raise ValueError("delivered_window_s must be > 0 and decrease_interval_s >= 0")
+        if self.remb_max_age_s <= 0:
+            raise ValueError("remb_max_age_s must be > 0")
+
+
+@dataclass(frozen=True, slots=True)
+class EstimateSnapshot:
+    """What the estimator knows at one moment (for stats, logs and the client's indicator)."""
+
+    estimate_bps: int
+    remb_bps: int | None
+    fraction_lost: float | None  # last report
+    rtt_s: float | None
+    delivered_bps: int | None
+    state: str  # direction of the last change: "increase" | "hold" | "decrease"
+
+
+class BandwidthEstimator:
+    """Per-subscriber estimate = min(REMB, loss rule), down fast and up slowly."""
+
+    def __init__(self, config: EstimatorConfig | None = None) -> None:
+        self.config = config or EstimatorConfig()
+        self._estimate = float(self.config.initial_bps)
+        self._remb: int | None = None
+        self._remb_at = 0.0
+        self._loss: float | None = None
+        self._rtt: float | None = None
+        self._good_since: float | None = None  # first of an unbroken run of reports < 2 %
+        self._last_time: float | None = None  # last time the estimate was advanced
+        self._last_cut: float | None = None
+        self._last_change = "hold"
+        self._delivered: deque[tuple[float, int]] = deque()
+        self._delivered_bytes = 0
+        self._first_delivery: float | None = None
+        self.decreases = 0  # counters, for stats
+        self.increases = 0
+
+    # -- inputs -------------------------------------------------------------
+
+    def on_remb(self, bps: int, now: float) -> None:
+        """The subscriber's REMB; a drop is followed immediately."""
+        self._advance(now)
+        self._remb = max(0, int(bps))
+        self._remb_at = now
+        if self._remb < self._estimate:
+            self._set(max(float(self.config.floor_bps), float(self._remb)), "decrease")
+
+    def on_receiver_report(self, fraction_lost: float, rtt_s: float | None, now: float) -> None:
+        """One report block: ``fraction_lost`` in 0..1 since the previous report."""
+        self._advance(now)
+        loss = min(1.0, max(0.0, float(fraction_lost)))
+        self._loss = loss
+        if rtt_s is not None and rtt_s >= 0:
+            self._rtt = float(rtt_s)
+        cfg = self.config
+        if loss > cfg.loss_decrease_above:
+            self._good_since = None
+            interval = cfg.decrease_interval_s + (self._rtt or 0.0)
+            if self._last_cut is None or now - self._last_cut >= interval:
+                self._last_cut = now
+                base = self._estimate
+                delivered = self.delivered_bps(now)
+                if delivered is not None:
+                    base = min(base, float(delivered))
+                target = max(float(cfg.floor_bps), base * (1.0 - 0.5 * loss))
+                if target < self._estimate:
+                    self._set(target, "decrease")
+        elif loss >= cfg.loss_increase_below:
+            self._good_since = None
+            self._last_change = "hold"
+        elif self._good_since is None:
+            self._good_since = now
+
+    def on_delivered(self, nbytes: int, now: float) -> None:
+        """Bytes handed to the subscriber's transport at ``now``."""
+        if nbytes <= 0:
+            return
+        if self._first_delivery is None:
+            self._first_delivery = now
+        self._delivered.append((now, nbytes))
+        self._delivered_bytes += nbytes
+        self._expire(now)
+
+    # -- outputs ------------------------------------------------------------
+
+    def estimate_bps(self, now: float) -> int:
+        """The estimate at ``now`` (advances the slow increase, if allowed)."""
+        self._advance(now)
+        return int(self._estimate)
+
+    def delivered_bps(self, now: float) -> int | None:
+        """Delivered rate over the last window; None until half a window was observed."""
+        if self._first_delivery is None:
+            return None
+        self._expire(now)
+        window = self.config.delivered_window_s
+        span = min(window, now - self._first_delivery)
+        if span < window / 2:
+            return None
+        return int(8 * self._delivered_bytes / span)
+
+    def snapshot(self, now: float) -> EstimateSnapshot:
+        estimate = self.estimate_bps(now)
+        return EstimateSnapshot(
+            estimate_bps=estimate,
+            remb_bps=self._remb,
+            fraction_lost=self._loss,
+            rtt_s=self._rtt,
+            delivered_bps=self.delivered_bps(now),
+            state=self._last_change,
+        )
+
+    # -- internals ------------------------------------------------------------
+
+    def _set(self, value: float, change: str) -> None:
+        if change == "decrease":
+            self.decreases += 1
+        elif change == "increase":
+            self.increases += 1
+        self._estimate = value
+        self._last_change = change
+
+    def _cap(self, now: float) -> float:
+        cap = float(self.config.ceiling_bps)
+        if self._remb is not None and now - self._remb_at <= self.config.remb_max_age_s:
+            cap = min(cap, max(float(self.config.floor_bps), float(self._remb)))
+        return cap
+
+    def _advance(self, now: float) -> None:
+        """Apply the slow increase for the time since the last call."""
+        last = self._last_time
+        if last is not None and now <= last:
+            return  # same instant, or a clock step back: nothing to grow
+        self._last_time = now
+        if last is None or self._good_since is None:
+            return
+        allowed_from = self._good_since + self.config.increase_after_s
+        start = max(last, allowed_from)
+        if now <= start:
+            return
+        cap = self._cap(now)
+        if self._estimate >= cap:
+            return
+        grown = self._estimate * math.pow(1.0 + self.config.increase_per_s, now - start)
+        remb_target = self._remb_recovery_target()
+        if remb_target is not None and grown < remb_target:
+            # a clean link whose delay-based REMB says more: a loss cut overshot
+            fast = self._estimate * math.pow(1.0 + self.config.remb_recovery_per_s, now - start)
+            grown = min(remb_target, max(grown, fast))
+        new = min(cap, grown)
+        if new > self._estimate:
+            self._set(new, "increase")
+
+    def _remb_recovery_target(self) -> float | None:
+        fraction = self.config.remb_recovery_fraction
+        if fraction <= 0 or self._remb is None:
+            return None
+        return fraction * self._remb
+
+    def _expire(self, now: float) -> None:
+        horizon = now - self.config.delivered_window_s
+        while self._delivered and self._delivered[0][0] <= horizon:
+            self._delivered_bytes -= self._delivered.popleft()[1]

@@ -1,0 +1,161 @@
+"""BandwidthEstimator: REMB and loss rule, down fast, up slowly, no flapping."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+
+from media_server.estimator import BandwidthEstimator, EstimatorConfig
+
+REPORT_EVERY = 0.5
+
+
+def deliver(est: BandwidthEstimator, bps: int, start: float, end: float) -> None:
+    """Hand the estimator a steady delivered rate, in 100 ms chunks."""
+    t = start
+    while t < end - 1e-9:
+        est.on_delivered(bps // 80, t)
+        t += 0.1
+
+
+def frange(start: float, end: float, step: float) -> list[float]:
+    n = round((end - start) / step)
+    return [start + i * step for i in range(n + 1)]
+
+
+def test_remb_drop_is_followed_immediately_and_a_rise_is_not() -> None:
+    est = BandwidthEstimator(EstimatorConfig(initial_bps=1_000_000))
+    assert est.estimate_bps(0.0) == 1_000_000
+    est.on_remb(300_000, 1.0)
+    assert est.estimate_bps(1.0) == 300_000
+    est.on_remb(2_000_000, 1.1)
+    assert est.estimate_bps(1.1) == 300_000  # a rise waits for clean loss reports
+
+
+def test_loss_of_20_percent_cuts_within_one_second() -> None:
+    est = BandwidthEstimator(EstimatorConfig(initial_bps=1_000_000))
+    deliver(est, 800_000, 0.0, 3.0)
+    est.on_receiver_report(0.0, 0.1, 1.5)
+    assert est.estimate_bps(2.0) == 1_000_000
+    # 20 % loss reported from t=2.0 on, every 0.5 s
+    est.on_receiver_report(0.2, 0.1, 2.0)
+    after = est.estimate_bps(2.0)
+    assert after <= 800_000 * 0.9 * 1.02  # cut from the delivered rate, at once
+    est.on_receiver_report(0.2, 0.1, 2.5)
+    assert est.estimate_bps(2.5) < after  # keeps cutting while the loss lasts
+    assert est.snapshot(2.5).state == "decrease"
+
+
+def test_report_blocks_of_one_compound_cut_once() -> None:
+    est = BandwidthEstimator(EstimatorConfig(initial_bps=1_000_000))
+    for _ in range(3):  # audio + two videos, same instant
+        est.on_receiver_report(0.3, 0.6, 5.0)
+    assert est.estimate_bps(5.0) == int(1_000_000 * 0.85)
+    est.on_receiver_report(0.3, 0.6, 5.5)  # within 300 ms + RTT of the cut
+    assert est.estimate_bps(5.5) == int(1_000_000 * 0.85)
+    est.on_receiver_report(0.3, 0.6, 6.0)
+    assert est.estimate_bps(6.0) < int(1_000_000 * 0.85)
+
+
+def test_cut_uses_the_delivered_rate_when_below_the_estimate() -> None:
+    est = BandwidthEstimator(EstimatorConfig(initial_bps=5_000_000))
+    deliver(est, 300_000, 0.0, 2.05)  # the last chunk at 2.0
+    est.on_receiver_report(0.2, None, 2.0)
+    assert est.estimate_bps(2.0) == pytest.approx(300_000 * 0.9, rel=0.05)
+
+
+def test_recovery_waits_two_seconds_then_climbs_at_most_8_percent_a_second() -> None:
+    est = BandwidthEstimator(EstimatorConfig(initial_bps=1_000_000))
+    est.on_remb(10_000_000, 0.0)
+    est.on_receiver_report(0.5, 0.1, 0.0)
+    low = est.estimate_bps(0.0)
+    assert low == 750_000
+    samples: list[tuple[float, int]] = []
+    for t in frange(0.1, 20.0, 0.1):
+        if abs(t / REPORT_EVERY - round(t / REPORT_EVERY)) < 1e-6:
+            est.on_receiver_report(0.0, 0.1, t)
+        samples.append((t, est.estimate_bps(t)))
+    # nothing for the first 2 s of clean reports (the first arrives at 0.5 s)
+    assert all(v == low for t, v in samples if t <= 2.5 + 1e-9)
+    # never more than +8 % over any second
+    for (_, v0), (_, v1) in itertools.pairwise(samples):
+        assert v1 >= v0
+    per_second = round(1.0 / 0.1)
+    for (_, v), (_, later) in zip(samples, samples[per_second:], strict=False):
+        assert later <= v * 1.08 + 2  # + int truncation
+    # and it does climb: 17.5 s of growth at 8 %/s
+    assert samples[-1][1] >= low * 1.08**17
+    assert est.snapshot(20.0).state == "increase"
+
+
+def test_increase_never_passes_remb_or_ceiling() -> None:
+    cfg = EstimatorConfig(initial_bps=500_000, ceiling_bps=2_000_000)
+    est = BandwidthEstimator(cfg)
+    for t in frange(0.0, 30.0, 0.5):
+        est.on_remb(600_000, t)
+        est.on_receiver_report(0.0, None, t)
+    assert est.estimate_bps(30.0) == 600_000
+    for t in frange(30.5, 120.0, 0.5):
+        est.on_remb(50_000_000, t)
+        est.on_receiver_report(0.0, None, t)
+    assert est.estimate_bps(120.0) == 2_000_000
+
+
+def test_a_stale_remb_stops_capping() -> None:
+    """aiortc sends REMB per video stream: a paused video's last REMB must not pin it down."""
+    est = BandwidthEstimator(EstimatorConfig(initial_bps=500_000))
+    est.on_remb(100_000, 0.0)
+    for t in frange(0.5, 5.0, 0.5):
+        est.on_receiver_report(0.0, None, t)
+    assert est.estimate_bps(5.0) == 100_000
+    for t in frange(5.5, 15.0, 0.5):
+        est.on_receiver_report(0.0, None, t)
+    assert 100_000 * 1.08**9 <= est.estimate_bps(15.0) <= 100_000 * 1.08**10.01
+
+
+def test_floor_holds_under_any_remb_or_loss() -> None:
+    est = BandwidthEstimator(EstimatorConfig(floor_bps=40_000))
+    est.on_remb(1_000, 0.0)
+    assert est.estimate_bps(0.0) == 40_000
+    for t in frange(1.0, 30.0, 1.0):
+        est.on_receiver_report(1.0, 0.5, t)
+    assert est.estimate_bps(30.0) == 40_000
+
+
+def test_no_increase_without_receiver_reports() -> None:
+    est = BandwidthEstimator(EstimatorConfig(initial_bps=300_000))
+    est.on_remb(5_000_000, 0.0)
+    assert est.estimate_bps(60.0) == 300_000
+
+
+@pytest.mark.parametrize("pattern", [(0.03, 0.07, 0.04, 0.06), (0.01, 0.09), (0.05,)])
+def test_no_flapping_when_loss_hovers_around_5_percent(pattern: tuple[float, ...]) -> None:
+    est = BandwidthEstimator(EstimatorConfig(initial_bps=600_000))
+    est.on_remb(2_000_000, 0.0)
+    deliver(est, 550_000, 0.0, 60.0)
+    seen = set()
+    losses = itertools.cycle(pattern)
+    for t in frange(0.5, 60.0, REPORT_EVERY):
+        est.on_receiver_report(next(losses), 0.6, t)
+        seen.add(est.estimate_bps(t))
+    assert seen == {600_000}
+    assert est.decreases == 0 and est.increases == 0
+    assert est.snapshot(60.0).state == "hold"
+
+
+def test_delivered_rate_over_the_last_second() -> None:
+    est = BandwidthEstimator()
+    assert est.delivered_bps(0.0) is None
+    deliver(est, 400_000, 0.0, 0.3)
+    assert est.delivered_bps(0.3) is None  # less than half a window seen
+    deliver(est, 400_000, 0.3, 3.0)
+    assert est.delivered_bps(2.95) == pytest.approx(400_000, rel=0.02)
+    assert est.delivered_bps(10.0) == 0
+
+
+def test_config_is_validated() -> None:
+    with pytest.raises(ValueError):
+        EstimatorConfig(floor_bps=100_000, initial_bps=50_000)
+    with pytest.raises(ValueError):
+        EstimatorConfig(loss_increase_below=0.2, loss_decrease_above=0.1)

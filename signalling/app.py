@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import socket
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 
 from aiohttp import web
 
 from media_server.sfu import MediaMode, Sfu
+from recording.registry import Recordings
 
-from .appkeys import ROOMS, SETTINGS, SFU, STORE, TOKENS
+from .appkeys import RECORDINGS, ROOMS, SETTINGS, SFU, STORE, TOKENS
 from .auth import TokenAuthority
 from .errors import KonsiliumError, error_response, json_error
+from .rest_recordings import add_recording_routes
 from .rest_rooms import add_room_routes
 from .rest_tokens import add_token_routes
 from .rooms import RoomRegistry
@@ -24,6 +28,7 @@ from .store_factory import open_store
 logger = logging.getLogger(__name__)
 
 MAX_REQUEST_BYTES = 1024 * 1024
+RECORDING_WORKERS = 2  # muxing threads shared by every recorded track of this process
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -62,9 +67,19 @@ async def _sfu_ctx(app: web.Application) -> AsyncIterator[None]:
     await sfu.close()
 
 
+async def _recordings_ctx(app: web.Application) -> AsyncIterator[None]:
+    executor = ThreadPoolExecutor(max_workers=RECORDING_WORKERS, thread_name_prefix="recording")
+    try:
+        app[RECORDINGS] = Recordings.open(app[SETTINGS].data_dir, executor=executor)
+        yield
+        await app[RECORDINGS].close()  # stops and seals what is still recording
+    finally:
+        await asyncio.get_running_loop().run_in_executor(None, executor.shutdown, True)
+
+
 async def _rooms_ctx(app: web.Application) -> AsyncIterator[None]:
     node_id = f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}"
-    registry = RoomRegistry(app[STORE], app[SFU], node_id)
+    registry = RoomRegistry(app[STORE], app[SFU], node_id, app[RECORDINGS])
     app[ROOMS] = registry
     yield
     await registry.close()
@@ -78,11 +93,12 @@ async def healthz(request: web.Request) -> web.Response:
 def create_app(settings: Settings) -> web.Application:
     app = web.Application(client_max_size=MAX_REQUEST_BYTES, middlewares=[json_errors])
     app[SETTINGS] = settings
-    app.cleanup_ctx.extend([_tokens_ctx, _store_ctx, _sfu_ctx, _rooms_ctx])
+    app.cleanup_ctx.extend([_tokens_ctx, _store_ctx, _sfu_ctx, _recordings_ctx, _rooms_ctx])
     app.router.add_get("/ws", websocket_handler)
     app.router.add_get("/healthz", healthz)
     add_token_routes(app)
     add_room_routes(app)
+    add_recording_routes(app)
     from web.pages import setup_web
 
     setup_web(app)

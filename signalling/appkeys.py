@@ -18,3 +18,8 @@ from signalling.store import Store  # noqa: E402
 STORE: web.AppKey[Store] = web.AppKey("store", Store)
 SFU: web.AppKey[Sfu] = web.AppKey("sfu", Sfu)
 ROOMS: web.AppKey[RoomRegistry] = web.AppKey("rooms", RoomRegistry)
+
+# recording
+from recording.registry import Recordings  # noqa: E402
+
+RECORDINGS: web.AppKey[Recordings] = web.AppKey("recordings", Recordings)

@@ -1,4 +1,4 @@
-"""The ``konsilium`` command: ``serve``, ``token``, ``bot``.
+"""The ``konsilium`` command: ``serve``, ``token``, ``bot``, ``recordings``.
 
 Every ``serve`` flag defaults to None so that an unset flag leaves the value
 from the environment or the config file in place (see ``signalling.settings``).
@@ -61,6 +61,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_serve(commands)
     _add_token(commands)
+    _add_recordings(commands)
     bot = commands.add_parser(
         "bot", help="run a media bot (camera ingest, load test)", add_help=False
     )
@@ -175,6 +176,19 @@ def _room_arg(value: str) -> str:
     if not ROOM_ID_RE.fullmatch(value):
         raise argparse.ArgumentTypeError("a room id is 1-128 characters of A-Z a-z 0-9 _ . -")
     return value
+
+
+# -- recordings ------------------------------------------------------------------
+
+
+def _add_recordings(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from recording.cli import add_recordings_parser
+
+    def add_common(p: argparse.ArgumentParser) -> None:
+        _add_data_dir(p)
+        _add_config(p)
+
+    add_recordings_parser(commands, add_common)
 
 
 # -- bot -------------------------------------------------------------------------

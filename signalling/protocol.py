@@ -15,6 +15,8 @@ MAX_TOKEN_CHARS = 4096
 MAX_TRACKS = 8
 ROOM_ID_RE = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
 MID_RE = re.compile(r"^[A-Za-z0-9_.-]{1,32}$")
+CONSULTATION_ID_RE = re.compile(r"^[A-Za-z0-9_.:/-]{1,128}$")
+PATIENT_REF_RE = re.compile(r"^Patient/[A-Za-z0-9.-]{1,64}$")  # a FHIR relative reference
 SOURCES = frozenset({"camera", "microphone", "screen"})
 
 
@@ -62,7 +64,33 @@ class Ping:
     ts: float | None
 
 
-ClientMessage = Join | PublishOffer | SubscribeAnswer | Mute | Leave | Ping
+@dataclass(frozen=True)
+class RecordingStart:
+    consultation_id: str | None = None
+    patient_ref: str | None = None
+
+
+@dataclass(frozen=True)
+class RecordingStop:
+    pass
+
+
+@dataclass(frozen=True)
+class Consent:
+    granted: bool
+
+
+ClientMessage = (
+    Join
+    | PublishOffer
+    | SubscribeAnswer
+    | Mute
+    | Leave
+    | Ping
+    | RecordingStart
+    | RecordingStop
+    | Consent
+)
 
 
 def _field(msg: dict[str, Any], name: str, kind: type, ref: str) -> Any:
@@ -164,6 +192,36 @@ def _ping(msg: dict[str, Any]) -> Ping:
     return Ping(ts=None if ts is None else float(ts))
 
 
+def optional_pattern(
+    msg: dict[str, Any], name: str, pattern: re.Pattern[str], ref: str, what: str
+) -> str | None:
+    """An optional string field that must match ``pattern`` when present."""
+    value = msg.get(name)
+    if value is None:
+        return None
+    if not isinstance(value, str) or not pattern.match(value):
+        raise ProtocolError(f"'{name}' must be {what}", ref=ref)
+    return value
+
+
+def _recording_start(msg: dict[str, Any]) -> RecordingStart:
+    ref = "recording_start"
+    return RecordingStart(
+        consultation_id=optional_pattern(
+            msg, "consultation_id", CONSULTATION_ID_RE, ref, "1-128 of [A-Za-z0-9_.:/-]"
+        ),
+        patient_ref=optional_pattern(msg, "patient_ref", PATIENT_REF_RE, ref, "'Patient/<id>'"),
+    )
+
+
+def _recording_stop(msg: dict[str, Any]) -> RecordingStop:
+    return RecordingStop()
+
+
+def _consent(msg: dict[str, Any]) -> Consent:
+    return Consent(granted=_field(msg, "granted", bool, "consent"))
+
+
 _PARSERS: dict[str, Callable[[dict[str, Any]], ClientMessage]] = {
     "join": _join,
     "publish_offer": _publish_offer,
@@ -171,6 +229,9 @@ _PARSERS: dict[str, Callable[[dict[str, Any]], ClientMessage]] = {
     "mute": _mute,
     "leave": _leave,
     "ping": _ping,
+    "recording_start": _recording_start,
+    "recording_stop": _recording_stop,
+    "consent": _consent,
 }
 
 

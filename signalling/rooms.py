@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -12,10 +13,19 @@ from typing import Any, Protocol
 from media_server.room import MediaParticipant
 from media_server.rtc import ice_servers_json
 from media_server.sfu import Sfu
+from recording.recorder import (
+    ParticipantInfo,
+    Recorder,
+    RecorderStateError,
+    RecordingOptions,
+    StopResult,
+)
+from recording.registry import NotRecording, RecordingActive, Recordings, RecordingStartFailed
 
 from .auth import Claims, Grant
+from .errors import KonsiliumError
 from .protocol import PROTOCOL_VERSION
-from .store import ParticipantRecord, RoomRecord, Store
+from .store import AuditEvent, ParticipantRecord, RoomRecord, Store
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +65,13 @@ class Participant:
         }
 
 
+class RecordingRefused(KonsiliumError):
+    """A recording request the room's state does not allow (WebSocket error / HTTP 409)."""
+
+    code = "recording_refused"
+    status = 409
+
+
 class Room:
     def __init__(self, room_id: str) -> None:
         self.id = room_id
@@ -72,11 +89,17 @@ class Room:
 class RoomRegistry:
     """All rooms of this node; joins and leaves go through here."""
 
-    def __init__(self, store: Store, sfu: Sfu, node_id: str) -> None:
+    def __init__(
+        self, store: Store, sfu: Sfu, node_id: str, recordings: Recordings | None = None
+    ) -> None:
         self.store = store
         self.sfu = sfu
         self.node_id = node_id
         self.rooms: dict[str, Room] = {}
+        self.recordings = recordings
+        self._stopped_by: dict[str, str] = {}  # recording id -> who asked for the stop
+        if recordings is not None:
+            recordings.stopped_listeners.append(self._recording_stopped)
 
     def room(self, room_id: str) -> Room:
         room = self.rooms.get(room_id)
@@ -111,6 +134,10 @@ class RoomRegistry:
                     "ice_servers": ice_servers_json(self.sfu.ice_urls),
                 }
             )
+            recorder = self._recorder(room.id)
+            if recorder is not None:
+                recorder.participant_joined(participant_info(participant))
+                await connection.send({"type": "recording_started", **recorder.status()})
             await room.broadcast(
                 {"type": "participant_joined", "participant": participant.to_json()},
                 exclude=participant.id,
@@ -133,6 +160,9 @@ class RoomRegistry:
         async with room.lock:
             if room.participants.get(participant.id) is participant:
                 await self._remove(room, participant, reason)
+        if not room.participants and self._recorder(room.id) is not None:
+            with contextlib.suppress(KonsiliumError):
+                await self.stop_recording(room.id, by="server", reason="room_empty")
         if not room.participants and self.rooms.get(room.id) is room:
             del self.rooms[room.id]
             await self.sfu.release_if_empty(room.id)
@@ -146,6 +176,9 @@ class RoomRegistry:
         await room.broadcast(
             {"type": "participant_left", "participant_id": participant.id, "reason": reason}
         )
+        recorder = self._recorder(room.id)
+        if recorder is not None and recorder.participant_left(participant.id, reason):
+            await room.broadcast({"type": "recording_status", **recorder.status()})
         logger.info("%r: %s left (%s)", room, participant.id, reason)
 
     async def set_muted(self, participant: Participant, source: str, muted: bool) -> None:
@@ -153,6 +186,9 @@ class RoomRegistry:
         if room is None or participant.muted.get(source) == muted:
             return
         participant.muted[source] = muted
+        recorder = self._recorder(room.id)
+        if recorder is not None:
+            recorder.muted(participant.id, source, muted)
         await room.broadcast({"type": "participant_updated", "participant": participant.to_json()})
 
     def _record(self, room: Room, participant: Participant) -> ParticipantRecord:
@@ -169,11 +205,133 @@ class RoomRegistry:
             state="active",
         )
 
+    # -- recording ------------------------------------------------------------
+
+    def _recorder(self, room_id: str) -> Recorder | None:
+        recorder = self.recordings.get(room_id) if self.recordings is not None else None
+        return recorder if recorder is not None and recorder.recording else None
+
+    async def start_recording(
+        self,
+        room_id: str,
+        *,
+        started_by: str,
+        consultation_id: str | None = None,
+        patient_ref: str | None = None,
+        consent_required: bool | None = None,
+    ) -> Recorder:
+        """Start recording a live room and tell everyone in it (``recording_started``).
+
+        ``consent_required`` None takes the room's setting (``settings.consent_required``
+        of its store record, default false).
+        """
+        if self.recordings is None:
+            raise RecordingRefused("recording is not available", code="recording_unavailable")
+        room = self.rooms.get(room_id)
+        media_room = self.sfu.rooms.get(room_id)
+        if room is None or not room.participants or media_room is None:
+            raise RecordingRefused("nobody is in the room", code="room_not_live")
+        if consent_required is None:
+            consent_required = await self._consent_required_setting(room_id)
+        options = RecordingOptions(consultation_id, patient_ref, consent_required)
+        async with room.lock:
+            if not room.participants or self.sfu.rooms.get(room_id) is not media_room:
+                raise RecordingRefused("nobody is in the room", code="room_not_live")
+            people = [participant_info(p) for p in room.participants.values()]
+            try:
+                recorder = await self.recordings.start(
+                    room_id, media_room, people, started_by=started_by, options=options
+                )
+            except RecordingActive:
+                raise RecordingRefused(
+                    "the room is already being recorded", code="recording_active"
+                ) from None
+            except RecordingStartFailed as exc:
+                code = "disk_full" if exc.disk_full else "recording_failed"
+                status = 507 if exc.disk_full else 500
+                raise KonsiliumError(str(exc), code=code, status=status) from exc
+            await room.broadcast({"type": "recording_started", **recorder.status()})
+        await self.audit(started_by, "recording_start", recorder.id, "ok", room=room_id)
+        return recorder
+
+    async def stop_recording(
+        self, room_id: str, *, by: str, reason: str = "stopped"
+    ) -> tuple[Recorder, StopResult]:
+        """Stop the room's recording; everyone in the room gets ``recording_stopped``."""
+        recorder = self.recordings.get(room_id) if self.recordings is not None else None
+        if self.recordings is None or recorder is None:
+            raise RecordingRefused("the room is not being recorded", code="not_recording")
+        self._stopped_by.setdefault(recorder.id, by)
+        try:
+            return await self.recordings.stop(room_id, reason)
+        except NotRecording:
+            raise RecordingRefused("the room is not being recorded", code="not_recording") from None
+
+    async def recording_consent(self, participant: Participant, granted: bool) -> None:
+        """A participant's answer: into the manifest, and ``recording_status`` to the room."""
+        room = self.rooms.get(participant.claims.room)
+        recorder = self._recorder(participant.claims.room)
+        if room is None or recorder is None:
+            raise RecordingRefused("the room is not being recorded", code="not_recording")
+        try:
+            recorder.set_consent(participant.id, granted)
+        except RecorderStateError:
+            raise RecordingRefused("the room is not being recorded", code="not_recording") from None
+        outcome = "granted" if granted else "declined"
+        await room.broadcast({"type": "recording_status", **recorder.status()})
+        await self.audit(participant.id, "recording_consent", recorder.id, outcome)
+
+    async def _recording_stopped(self, recorder: Recorder, result: StopResult) -> None:
+        """Recordings listener: every stop, whatever its cause, reaches the room and the log."""
+        by = self._stopped_by.pop(recorder.id, "server")
+        room = self.rooms.get(recorder.room_id)
+        if room is not None:
+            await room.broadcast(
+                {"type": "recording_stopped", "recording_id": recorder.id, "reason": result.reason}
+            )
+        outcome = "sealed" if result.sealed else "not_sealed"
+        await self.audit(
+            by, "recording_stop", recorder.id, outcome, room=recorder.room_id, reason=result.reason
+        )
+
+    async def _consent_required_setting(self, room_id: str) -> bool:
+        try:
+            record = await self.store.get_room(room_id)
+        except Exception:
+            logger.exception("room %s: settings unreadable, consent not required", room_id)
+            return False
+        return record is not None and record.settings.get("consent_required") is True
+
+    async def audit(
+        self, actor: str, action: str, target: str, outcome: str, **detail: object
+    ) -> None:
+        """Append to the Store's audit log; a failing store is logged, never raised."""
+        try:
+            await self.store.append_audit(
+                AuditEvent(
+                    at=time.time(),
+                    actor=actor,
+                    action=action,
+                    target=target,
+                    outcome=outcome,
+                    detail=dict(detail),
+                )
+            )
+        except Exception:
+            logger.exception("audit write failed (%s %s)", action, target)
+
     async def close(self) -> None:
+        if self.recordings is not None:
+            await self.recordings.stop_all("shutdown")
         for room in list(self.rooms.values()):
             for participant in list(room.participants.values()):
                 await participant.connection.kick("shutdown", "the server is shutting down", 1001)
                 await self.leave(participant, "disconnected")
+
+
+def participant_info(participant: Participant) -> ParticipantInfo:
+    c = participant.claims
+    return ParticipantInfo(id=c.sub, name=c.name, clinic=c.clinic, tier=str(c.tier), role=c.role)
 
 
 class _SubscriberEvents:

@@ -14,16 +14,20 @@ from aiohttp import WSCloseCode, WSMsgType, web
 from media_server.errors import MediaError
 
 from .auth import AuthError, Grant, TokenAuthority
+from .errors import KonsiliumError
 from .protocol import (
     MAX_MESSAGE_BYTES,
     PROTOCOL_VERSION,
     ClientMessage,
+    Consent,
     Join,
     Leave,
     Mute,
     Ping,
     ProtocolError,
     PublishOffer,
+    RecordingStart,
+    RecordingStop,
     SubscribeAnswer,
     error_message,
     parse_message,
@@ -174,6 +178,9 @@ class Session:
         except MediaError as exc:
             await self.send(error_message(exc.code, str(exc), _ref(message)))
             return True
+        except KonsiliumError as exc:
+            await self.send(error_message(exc.code, exc.message, _ref(message)))
+            return True
         except Exception:
             logger.exception("%r: failed to handle %s", self, _ref(message))
             await self.send(error_message("internal", "the server could not handle this message"))
@@ -213,6 +220,10 @@ class Session:
             if message.ts is not None:
                 reply["ts"] = message.ts
             await self.send(reply)
+        elif isinstance(message, RecordingStart | RecordingStop):
+            await self._recording(participant, message)
+        elif isinstance(message, Consent):
+            await self.registry.recording_consent(participant, message.granted)
         elif isinstance(message, Leave):
             self._leave_reason = "left"
             await self.ws.close()
@@ -220,6 +231,24 @@ class Session:
         elif isinstance(message, Join):
             raise ProtocolError("already joined", ref="join")
         return True
+
+    async def _recording(
+        self, participant: Participant, message: RecordingStart | RecordingStop
+    ) -> None:
+        ref = _ref(message)
+        room = participant.claims.room
+        if not participant.claims.has(Grant.RECORD):
+            await self._audit(participant.id, ref, room, "forbidden")
+            raise ProtocolError("this token may not record", code="forbidden", ref=ref)
+        if isinstance(message, RecordingStart):
+            await self.registry.start_recording(
+                room,
+                started_by=participant.id,
+                consultation_id=message.consultation_id,
+                patient_ref=message.patient_ref,
+            )
+        else:
+            await self.registry.stop_recording(room, by=participant.id)
 
     async def _audit(self, actor: str, action: str, target: str, outcome: str) -> None:
         try:
@@ -245,6 +274,9 @@ def _ref(message: ClientMessage) -> str:
         Mute: "mute",
         Leave: "leave",
         Ping: "ping",
+        RecordingStart: "recording_start",
+        RecordingStop: "recording_stop",
+        Consent: "consent",
     }[type(message)]
 
 

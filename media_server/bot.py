@@ -25,6 +25,7 @@ from aiortc.sdp import SessionDescription
 
 from . import hooks
 from .clip import Clip, load_clip
+from .linkemu import LinkEmulator, attach_to_peer_connection
 from .packet import MediaPacket
 from .rtc import prefer_forwardable_codecs, rtc_configuration
 
@@ -130,6 +131,7 @@ class Bot:
         audio: bool = True,
         remb: bool = True,
         light: bool = False,
+        link: LinkEmulator | None = None,
         ice_urls: Sequence[str] = (),
     ) -> None:
         self.url = url.rstrip("/")
@@ -140,6 +142,7 @@ class Bot:
         self._publish_audio = audio
         self._remb = remb
         self._light = light
+        self.link = link  # an emulated link (both connections share it), see media_server.linkemu
         self._ssrc_mid: dict[int, str] = {}
         self._seq: dict[int, tuple[int, bool]] = {}  # ssrc -> (next seq, gap since last marker)
         self._config = rtc_configuration(ice_urls)
@@ -199,6 +202,8 @@ class Bot:
         self._video = ClipTrack("video", clip.video, 1 / clip.fps, 90000 // clip.fps)
         self._audio = ClipTrack("audio", clip.audio, 0.02, 960)
         pc = self._pub = RTCPeerConnection(self._config)
+        if self.link is not None:
+            attach_to_peer_connection(pc, self.link)
         tracks = []
         sources: list[tuple[ClipTrack, str]] = [(self._video, "camera")]
         if self._publish_audio:
@@ -246,6 +251,10 @@ class Bot:
             await self._session.close()
 
     # -- signalling -----------------------------------------------------------
+
+    async def send(self, message: dict[str, Any]) -> None:
+        """Send one protocol message (e.g. ``recording_start``, ``consent``)."""
+        await self._send(message)
 
     async def _send(self, message: dict[str, Any]) -> None:
         assert self._ws is not None
@@ -300,6 +309,8 @@ class Bot:
     async def _answer_subscribe(self, sdp: str) -> None:
         if self._sub is None:
             self._sub = RTCPeerConnection(self._config)
+            if self.link is not None:
+                attach_to_peer_connection(self._sub, self.link)
             self._sub.on("track", self._on_track)
             if self._light:
                 self._sub.on("connectionstatechange", self._go_light)

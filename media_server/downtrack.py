@@ -77,6 +77,7 @@ class DownTrack(MediaStreamTrack):
         self._last_out_wall = 0.0
         # counters
         self.frames_forwarded = 0
+        self.bytes_forwarded = 0
         self.frames_dropped = 0
         self.overflows = 0
         self.switches = 0
@@ -202,6 +203,7 @@ class DownTrack(MediaStreamTrack):
         if self.first_frame_at is None:
             self.first_frame_at = time.monotonic()
         if isinstance(item, MediaPacket):
+            self.bytes_forwarded += len(item.data)
             return self._rebased(item)
         return item
 

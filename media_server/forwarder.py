@@ -13,6 +13,7 @@ from aiortc import MediaStreamTrack, RTCRtpReceiver
 from aiortc.mediastreams import MediaStreamError
 
 from . import hooks
+from .packet import MediaPacket, vp8_keyframe_size
 
 logger = logging.getLogger(__name__)
 
@@ -63,7 +64,9 @@ class Forwarder:
         self._last_pli = 0.0
         self._pli_pending: asyncio.TimerHandle | None = None
         self.packets = 0
+        self.bytes = 0
         self.keyframes = 0
+        self.frame_size: tuple[int, int] | None = None  # from the last VP8 keyframe
         self.last_packet_at: float | None = None
         self.keyframe_requests_sent = 0
         self.closed = False
@@ -117,8 +120,11 @@ class Forwarder:
                 item = await self._track.recv()
                 self.packets += 1
                 self.last_packet_at = time.monotonic()
-                if getattr(item, "keyframe", False):
-                    self.keyframes += 1
+                if isinstance(item, MediaPacket):
+                    self.bytes += len(item.data)
+                    if item.keyframe and item.kind == "video":
+                        self.keyframes += 1
+                        self.frame_size = vp8_keyframe_size(item.data) or self.frame_size
                 for sink in tuple(self._sinks):
                     sink.push(item)
         except MediaStreamError:

@@ -15,8 +15,10 @@ subscriber sends to one of our senders.  The seams used here:
 * ``RTCRtpReceiver._RTCRtpReceiver__rtx_ssrc`` — RTX SSRCs, to exclude them.
 * ``RTCRtpSender._handle_rtcp_packet`` — the per-sender RTCP entry point that
   the DTLS transport looks up on the instance for every packet; wrapped per
-  instance to observe PLI/FIR, REMB and receiver reports.
-* ``RTCRtpSender._ssrc`` — the sender's media SSRC.
+  instance to observe PLI/FIR, REMB and receiver reports, and to thin out
+  NACKs before aiortc retransmits (it resends every listed packet, every time).
+* ``RTCRtpSender._ssrc`` — the sender's media SSRC; ``RTCRtpSender.__rtt`` —
+  the RTT aiortc derives from receiver reports.
 * ``RTCDtlsTransport._rx_srtp`` / ``._handle_rtp_data`` — only for the
   benchmark's light viewers (see :func:`count_rtp_headers`).
 * ``aiortc.clock.current_ntp_time`` / ``current_ms`` — replaced by faster
@@ -48,8 +50,10 @@ from aiortc.rtp import (
     RTCP_PSFB_APP,
     RTCP_PSFB_FIR,
     RTCP_PSFB_PLI,
+    RTCP_RTPFB_NACK,
     RtcpPsfbPacket,
     RtcpRrPacket,
+    RtcpRtpfbPacket,
     RtcpSrPacket,
     unpack_remb_fci,
 )
@@ -290,6 +294,7 @@ class ReceiverReport:
     fraction_lost: float  # 0..1 over the last report interval
     packets_lost: int  # cumulative
     jitter: int  # in RTP clock units
+    rtt_s: float | None = None  # aiortc's smoothed RTT from LSR/DLSR, once known
 
 
 class SenderFeedback:
@@ -298,12 +303,14 @@ class SenderFeedback:
     def __init__(
         self,
         on_keyframe_request: Callable[[], None],
-        on_remb: Callable[[int], None] | None = None,
+        on_remb: Callable[[int, list[int]], None] | None = None,
         on_report: Callable[[ReceiverReport], None] | None = None,
+        nack_filter: Callable[[list[int]], list[int]] | None = None,
     ) -> None:
         self.on_keyframe_request = on_keyframe_request
         self.on_remb = on_remb
         self.on_report = on_report
+        self.nack_filter = nack_filter  # which of the NACKed sequence numbers to resend
 
 
 def tap_sender(sender: RTCRtpSender, feedback: SenderFeedback) -> None:
@@ -317,14 +324,28 @@ def tap_sender(sender: RTCRtpSender, feedback: SenderFeedback) -> None:
         raise HookError("sender is already tapped")
 
     async def handle(packet: Any) -> None:
+        if (
+            feedback.nack_filter is not None
+            and isinstance(packet, RtcpRtpfbPacket)
+            and packet.fmt == RTCP_RTPFB_NACK
+        ):
+            try:
+                packet.lost = feedback.nack_filter(list(packet.lost))
+            except Exception:
+                logger.exception("NACK filter failed")
+            if not packet.lost:
+                return
+        await original(packet)  # first: it updates the sender's RTT from this report
         try:
             _dispatch_feedback(sender, feedback, packet)
         except Exception:  # a bad callback must not break RTCP handling
             logger.exception("sender feedback callback failed")
-        await original(packet)
 
     handle._konsilium_tap = True  # type: ignore[attr-defined]
     sender._handle_rtcp_packet = handle  # type: ignore[method-assign]
+
+
+_SENDER_RTT_ATTR = "_RTCRtpSender__rtt"
 
 
 def _dispatch_feedback(sender: RTCRtpSender, feedback: SenderFeedback, packet: Any) -> None:
@@ -338,15 +359,17 @@ def _dispatch_feedback(sender: RTCRtpSender, feedback: SenderFeedback, packet: A
             except ValueError:
                 return
             if ssrc in ssrcs:
-                feedback.on_remb(int(bitrate))
+                feedback.on_remb(int(bitrate), list(ssrcs))
     elif isinstance(packet, RtcpRrPacket | RtcpSrPacket) and feedback.on_report is not None:
         for report in packet.reports:
             if report.ssrc == ssrc:
+                rtt = getattr(sender, _SENDER_RTT_ATTR, None)
                 feedback.on_report(
                     ReceiverReport(
                         fraction_lost=report.fraction_lost / 256.0,
                         packets_lost=report.packets_lost,
                         jitter=report.jitter,
+                        rtt_s=float(rtt) if rtt is not None else None,
                     )
                 )
 
@@ -381,6 +404,8 @@ def check_hooks() -> None:
             raise HookError(f"aiortc.clock.{name} is gone: the fast clock cannot replace it")
     if not callable(getattr(StunProtocol, "connection_made", None)):
         raise HookError("aioice StunProtocol.connection_made is gone: buffers cannot be sized")
+    if _SENDER_RTT_ATTR not in RTCRtpSender._handle_rtcp_packet.__code__.co_names:
+        raise HookError("RTCRtpSender no longer keeps __rtt from receiver reports")
     sender_names = RTCRtpSender._next_encoded_frame.__code__.co_names
     if "pack" not in sender_names:
         raise HookError("RTCRtpSender no longer packs pre-encoded packets")

@@ -39,6 +39,15 @@ def is_vp8_keyframe(data: bytes) -> bool:
     return len(data) > 0 and data[0] & 1 == 0
 
 
+def vp8_keyframe_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) from a VP8 keyframe header (RFC 6386 9.1), None if not one."""
+    if len(data) < 10 or data[0] & 1 or data[3:6] != b"\x9d\x01\x2a":
+        return None
+    width = int.from_bytes(data[6:8], "little") & 0x3FFF
+    height = int.from_bytes(data[8:10], "little") & 0x3FFF
+    return (width, height) if width and height else None
+
+
 def is_h264_keyframe(data: bytes) -> bool:
     """Annex B stream containing an IDR slice (5) or a sequence parameter set (7)."""
     i = 0

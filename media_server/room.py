@@ -9,6 +9,7 @@ from typing import Any
 
 from aiortc import RTCConfiguration
 
+from .adaptation import ADAPT_INTERVAL_S, LadderPool
 from .errors import NegotiationError
 from .forwarder import Forwarder
 from .publisher import PublisherConnection
@@ -36,7 +37,9 @@ class MediaParticipant:
         self._on_failed = on_failed
         self.publisher: PublisherConnection | None = None
         self.subscriber = (
-            SubscriberConnection(participant_id, room.config, events) if can_subscribe else None
+            SubscriberConnection(participant_id, room.config, events, room.ladders)
+            if can_subscribe
+            else None
         )
         self.closed = False
 
@@ -74,9 +77,11 @@ class MediaParticipant:
 
 
 class MediaRoom:
-    def __init__(self, room_id: str, config: RTCConfiguration) -> None:
+    def __init__(self, room_id: str, config: RTCConfiguration, adaptive: bool = True) -> None:
         self.id = room_id
         self.config = config
+        self.ladders = LadderPool() if adaptive else None
+        self._adapt_task: asyncio.Task[None] | None = None
         self.participants: dict[str, MediaParticipant] = {}
         self.forwarders: dict[str, Forwarder] = {}
         self.listeners: list[TrackListener] = []
@@ -106,6 +111,8 @@ class MediaRoom:
             on_failed=on_failed,
         )
         self.participants[participant_id] = participant
+        if self.ladders is not None and self._adapt_task is None:
+            self._adapt_task = asyncio.ensure_future(self._adapt_loop())
         if participant.subscriber is not None:
             for forwarder in list(self.forwarders.values()):
                 if forwarder.info.participant_id != participant_id:
@@ -130,6 +137,8 @@ class MediaRoom:
     def track_unpublished(self, forwarder: Forwarder) -> None:
         if self.forwarders.get(forwarder.info.id) is forwarder:
             del self.forwarders[forwarder.info.id]
+            if self.ladders is not None:
+                self.ladders.drop(forwarder.info.id)
         for participant in list(self.participants.values()):
             sub = participant.subscriber
             if sub is not None:
@@ -180,13 +189,43 @@ class MediaRoom:
                 }
                 for slot in sub.slots
             ]
-        return {"room": self.id, "tracks": tracks, "subscribers": subscribers}
+        ladders = self.ladders.stats() if self.ladders is not None else {}
+        layers = {
+            p.id: dict(p.subscriber.adaptation.layers)
+            for p in self.participants.values()
+            if p.subscriber is not None and p.subscriber.adaptation is not None
+        }
+        return {
+            "room": self.id,
+            "tracks": tracks,
+            "subscribers": subscribers,
+            "ladders": ladders,
+            "layers": layers,
+        }
 
     @property
     def empty(self) -> bool:
         return not self.participants
 
+    async def _adapt_loop(self) -> None:
+        """Every ADAPT_INTERVAL_S: each subscriber's estimate decides what it receives."""
+        while True:
+            await asyncio.sleep(ADAPT_INTERVAL_S)
+            for participant in list(self.participants.values()):
+                sub = participant.subscriber
+                if sub is None:
+                    continue
+                try:
+                    await sub.adapt()
+                except Exception:
+                    logger.exception("%r: adaptation failed for %s", self, participant.id)
+
     async def close(self) -> None:
+        task, self._adapt_task = self._adapt_task, None
+        if task is not None:
+            task.cancel()
+        if self.ladders is not None:
+            self.ladders.close()
         for participant_id in list(self.participants):
             await self.leave(participant_id)
         for task in list(self._tasks):

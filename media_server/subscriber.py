@@ -15,6 +15,8 @@ from typing import Any, Protocol
 from aiortc import RTCConfiguration, RTCPeerConnection, RTCRtpTransceiver, RTCSessionDescription
 
 from . import hooks
+from .adaptation import LadderPool, SubscriberAdaptation
+from .allocator import Choice
 from .downtrack import DownTrack
 from .errors import BadSdp, NegotiationError
 from .forwarder import Forwarder, TrackInfo
@@ -33,6 +35,12 @@ class SubscriberEvents(Protocol):
     async def track_unpublished(self, track: dict[str, str]) -> None: ...
 
 
+class LayerEvents(Protocol):
+    """Optional: told when adaptation changes what a video track carries."""
+
+    async def video_layer(self, track: dict[str, str], layer: str, reason: str) -> None: ...
+
+
 @dataclass
 class Slot:
     """One sendonly transceiver and its DownTrack, possibly carrying nothing."""
@@ -41,6 +49,7 @@ class Slot:
     downtrack: DownTrack
     transceiver: RTCRtpTransceiver
     info: TrackInfo | None = None
+    forwarder: Forwarder | None = None
     negotiated: bool = False
     stats: dict[str, Any] = field(default_factory=dict)
 
@@ -51,9 +60,20 @@ class Slot:
 
 
 class SubscriberConnection:
-    def __init__(self, participant_id: str, config: RTCConfiguration, events: SubscriberEvents):
+    def __init__(
+        self,
+        participant_id: str,
+        config: RTCConfiguration,
+        events: SubscriberEvents,
+        ladders: LadderPool | None = None,
+    ):
         self.participant_id = participant_id
         self._events = events
+        self.adaptation = (
+            SubscriberAdaptation(participant_id, ladders, self._layer_changed)
+            if ladders is not None
+            else None
+        )
         self._pc = RTCPeerConnection(config)
         self._slots: list[Slot] = []
         self._lock = asyncio.Lock()
@@ -83,6 +103,7 @@ class SubscriberConnection:
             if slot is None:
                 slot = self._new_slot(forwarder.info.kind)
             slot.info = forwarder.info
+            slot.forwarder = forwarder
             slot.downtrack.bind(forwarder)
             if slot.mid is not None:
                 await self._events.track_published(forwarder.info.to_json(slot.mid))
@@ -95,7 +116,10 @@ class SubscriberConnection:
             if slot is None or slot.info is None:
                 return
             info, slot.info = slot.info, None
+            forwarder, slot.forwarder = slot.forwarder, None
             slot.downtrack.unbind()
+            if self.adaptation is not None:
+                self.adaptation.forget(info.id, forwarder)
             if slot.mid is not None:
                 await self._events.track_unpublished(info.to_json(slot.mid))
 
@@ -110,9 +134,12 @@ class SubscriberConnection:
         downtrack = DownTrack(kind, label)
         transceiver = self._pc.addTransceiver(downtrack, direction="sendonly")
         prefer_forwardable_codecs(transceiver)
-        hooks.tap_sender(
-            transceiver.sender, hooks.SenderFeedback(on_keyframe_request=downtrack.request_keyframe)
+        feedback = (
+            self.adaptation.feedback(downtrack)
+            if self.adaptation is not None
+            else hooks.SenderFeedback(on_keyframe_request=downtrack.request_keyframe)
         )
+        hooks.tap_sender(transceiver.sender, feedback)
         slot = Slot(kind, downtrack, transceiver)
         self._slots.append(slot)
         return slot
@@ -156,10 +183,22 @@ class SubscriberConnection:
         if again:
             await self.negotiate()
 
+    async def adapt(self) -> None:
+        """One adaptation step (called periodically by the room)."""
+        if self.adaptation is not None and not self._closed:
+            await self.adaptation.tick(self._slots)
+
+    async def _layer_changed(self, info: TrackInfo, mid: str | None, choice: Choice) -> None:
+        video_layer = getattr(self._events, "video_layer", None)
+        if video_layer is not None:
+            await video_layer(info.to_json(mid), choice.layer, choice.reason)
+
     async def close(self) -> None:
         if self._closed:
             return
         self._closed = True
+        if self.adaptation is not None:
+            self.adaptation.close(self._slots)
         for slot in self._slots:
             slot.info = None
             slot.downtrack.stop()

@@ -102,3 +102,12 @@ async def test_stop_ends_the_sender_loop() -> None:
         pass
     else:
         raise AssertionError("recv() returned after stop()")
+
+
+def test_vp8_keyframe_size_reads_the_clip() -> None:
+    from media_server.clip import load_clip
+    from media_server.packet import vp8_keyframe_size
+
+    clip = load_clip()
+    assert vp8_keyframe_size(clip.video[0].data) == (640, 360)
+    assert vp8_keyframe_size(clip.video[1].data) is None  # not a keyframe

@@ -1,0 +1,368 @@
+"""Per-viewer adaptation: estimate → allocator → original / ladder rung / paused.
+
+Wires the pure pieces (:mod:`estimator`, :mod:`allocator`) to the media path:
+
+* :class:`LadderPool` — the room's :class:`~media_server.ladder.Ladder` per
+  published video, fed by the track's Forwarder only while some rung is in use;
+  :class:`RungSource` makes a rung look like a DownTrack source.
+* :class:`SubscriberAdaptation` — one per subscriber connection: collects the
+  subscriber's REMB, receiver reports and delivered bytes into a
+  BandwidthEstimator, and every :data:`ADAPT_INTERVAL_S` asks the Allocator what
+  each watched video should get, then switches the DownTracks (make before
+  break, on a keyframe) and tells the client.
+
+Without evidence of congestion the estimate starts at its ceiling: a viewer on a
+good link is never moved off the original stream just because aiortc cannot
+probe.  Audio is never touched: it is reserved first by the allocator and its
+DownTracks always carry the original.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+from . import hooks
+from .allocator import (
+    ORIGINAL,
+    PAUSED,
+    PRIORITY_OTHER,
+    PRIORITY_SCREEN,
+    Allocator,
+    Choice,
+    Layer,
+    VideoCandidate,
+)
+from .downtrack import DownTrack
+from .estimator import BandwidthEstimator, EstimatorConfig
+from .forwarder import Forwarder, TrackInfo
+from .ladder import DEFAULT_RUNGS, Ladder, Rung, usable_rungs
+
+if TYPE_CHECKING:
+    from .subscriber import Slot
+
+logger = logging.getLogger(__name__)
+
+ADAPT_INTERVAL_S = 0.5
+AUDIO_BPS = 56_000  # Opus ~32 kbit/s + 50 packets/s x ~50 B of RTP/SRTP/UDP/IP headers
+MIN_ORIGINAL_BPS = 150_000  # before the original's rate is measured
+RELEASE_DELAY_S = 2.0  # keep the previous rung running until the switch has happened
+REMB_CONGESTION_FRACTION = 0.7  # a REMB below this share of the delivered rate means a queue
+REMB_FRESH_S = 3.0  # per-stream REMBs older than this no longer count
+RETRANSMIT_SHARE = 0.15  # of the estimate, for resending lost packets
+RETRANSMIT_PACKET_BYTES = 1000
+# Start at the ceiling: a viewer is moved off the original only on evidence.
+# Rise below 5 % loss (not 2 %): satellite and EDGE links lose 2-3 % at random,
+# which would otherwise hold the estimate forever; overshooting a real queue
+# shows up as far more than the 10 % that cuts.
+# After a loss cut, a clean link climbs back to 85 % of its REMB at +50 %/s.
+ESTIMATOR = EstimatorConfig(
+    initial_bps=20_000_000,
+    ceiling_bps=20_000_000,
+    loss_increase_below=0.05,
+    remb_recovery_fraction=0.85,
+)
+
+
+class RungSource:
+    """A ladder rung seen as a DownTrack source."""
+
+    def __init__(self, ladder: Ladder, rung: str) -> None:
+        self.ladder = ladder
+        self.rung = rung
+
+    def __repr__(self) -> str:
+        return f"RungSource({self.ladder.track_id}/{self.rung})"
+
+    def attach(self, sink: Any) -> None:
+        self.ladder.attach(self.rung, sink)
+
+    def detach(self, sink: Any) -> None:
+        self.ladder.detach(self.rung, sink)
+
+    def request_keyframe(self) -> None:
+        self.ladder.request_keyframe(self.rung)
+
+
+class LadderPool:
+    """The room's ladders, one per published video, decoding only while needed."""
+
+    def __init__(self, rungs: tuple[Rung, ...] = DEFAULT_RUNGS) -> None:
+        self._rungs = rungs
+        self._ladders: dict[str, Ladder] = {}
+        self._sources: dict[tuple[str, str], RungSource] = {}
+        self._feeding: set[str] = set()
+
+    def rungs_for(self, forwarder: Forwarder, original_bps: int) -> tuple[Rung, ...]:
+        size = forwarder.frame_size
+        if size is None:
+            return ()
+        return usable_rungs(size[0], size[1], original_bps, self._rungs)
+
+    def acquire(self, forwarder: Forwarder, rung: str) -> RungSource:
+        track_id = forwarder.info.id
+        ladder = self._ladders.get(track_id)
+        if ladder is None:
+            loop = asyncio.get_running_loop()
+
+            def ask_publisher() -> None:  # called from the ladder's worker thread
+                loop.call_soon_threadsafe(forwarder.request_keyframe)
+
+            ladder = Ladder(track_id, self._rungs, loop=loop, request_source_keyframe=ask_publisher)
+            self._ladders[track_id] = ladder
+        ladder.acquire(rung)
+        if track_id not in self._feeding:
+            forwarder.attach(ladder)
+            self._feeding.add(track_id)
+        key = (track_id, rung)
+        source = self._sources.get(key)
+        if source is None:
+            source = self._sources[key] = RungSource(ladder, rung)
+        return source
+
+    def release(self, forwarder: Forwarder, rung: str) -> None:
+        track_id = forwarder.info.id
+        ladder = self._ladders.get(track_id)
+        if ladder is None:
+            return
+        ladder.release(rung)
+        if not ladder.active and track_id in self._feeding:
+            forwarder.detach(ladder)
+            self._feeding.discard(track_id)
+
+    def drop(self, track_id: str) -> None:
+        """The track is gone: stop its ladder."""
+        ladder = self._ladders.pop(track_id, None)
+        self._feeding.discard(track_id)
+        for key in [k for k in self._sources if k[0] == track_id]:
+            del self._sources[key]
+        if ladder is not None:
+            ladder.close()
+
+    def stats(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for track_id, ladder in self._ladders.items():
+            s = ladder.stats()
+            out[track_id] = {"active": ladder.active_rungs(), "cpu_s": round(s.cpu_s, 3)}
+        return out
+
+    def close(self) -> None:
+        for track_id in list(self._ladders):
+            self.drop(track_id)
+
+
+LayerListener = Callable[[TrackInfo, str | None, Choice], Awaitable[None]]
+
+
+class SubscriberAdaptation:
+    """One subscriber's estimate, allocation and the switches that follow."""
+
+    def __init__(self, label: str, pool: LadderPool, on_layer: LayerListener | None) -> None:
+        self.label = label
+        self.pool = pool
+        self.estimator = BandwidthEstimator(ESTIMATOR)
+        self.allocator = Allocator()
+        self._on_layer = on_layer
+        self.layers: dict[str, str] = {}  # track id -> layer now applied
+        self._last_estimate = ESTIMATOR.initial_bps
+        self._session_remb: tuple[int, float] | None = None
+        self._stream_remb: dict[int, tuple[int, float]] = {}
+        self._active_video: set[int] = set()  # video DownTracks that delivered last tick
+        self._audio_tracks = 0
+        self._rtx_tokens = 0.0
+        self._rtx_refilled = time.monotonic()
+        self.retransmissions_refused = 0
+        self._original_bps: dict[str, float] = {}
+        self._last_bytes: dict[int, int] = {}
+        self._last_packet_bytes: dict[str, tuple[float, int]] = {}
+
+    def __repr__(self) -> str:
+        return f"SubscriberAdaptation({self.label})"
+
+    # -- inputs (from the senders' RTCP taps) ----------------------------------
+
+    def feedback(self, downtrack: DownTrack) -> hooks.SenderFeedback:
+        key = id(downtrack)
+
+        def on_remb(bps: int, ssrcs: list[int]) -> None:
+            now = time.monotonic()
+            if len(ssrcs) > 1:  # one REMB for the whole session (browsers)
+                self._session_remb = (bps, now)
+            else:  # one REMB per stream (aiortc receivers): the total is their sum
+                self._stream_remb[key] = (bps, now)
+                fresh = {k for k, (_, at) in self._stream_remb.items() if now - at < REMB_FRESH_S}
+                if not self._active_video <= fresh:
+                    return  # a partial sum would look like congestion
+            self.on_remb(self._total_remb(now), now)
+
+        resent: dict[int, float] = {}  # sequence number -> when it was last resent
+
+        def nack_filter(lost: list[int]) -> list[int]:
+            return self._allow_retransmissions(resent, lost, time.monotonic())
+
+        return hooks.SenderFeedback(
+            on_keyframe_request=downtrack.request_keyframe,
+            on_remb=on_remb,
+            nack_filter=nack_filter,
+            on_report=lambda rr: self.estimator.on_receiver_report(
+                rr.fraction_lost, rr.rtt_s, time.monotonic()
+            ),
+        )
+
+    def _allow_retransmissions(
+        self, resent: dict[int, float], lost: list[int], now: float
+    ) -> list[int]:
+        """Resend a packet at most once per RTT, within a share of the estimate.
+
+        aiortc's receivers repeat every missing sequence number in each NACK and
+        aiortc's senders resend everything listed: on a lossy, full link that
+        multiplies the load until only repairs flow.  The budget refills at
+        RETRANSMIT_SHARE of the estimate (bytes/s, ~1 KB per packet).
+        """
+        snapshot_rtt = self.estimator.snapshot(now).rtt_s
+        spacing = max(snapshot_rtt or 0.2, 0.1)
+        budget_rate = RETRANSMIT_SHARE * self.estimator.estimate_bps(now) / 8
+        elapsed = now - self._rtx_refilled
+        self._rtx_refilled = now
+        self._rtx_tokens = min(budget_rate, self._rtx_tokens + elapsed * budget_rate)
+        allowed = []
+        for seq in lost:
+            last = resent.get(seq)
+            if last is not None and now - last < spacing:
+                continue
+            if self._rtx_tokens < RETRANSMIT_PACKET_BYTES:
+                self.retransmissions_refused += 1
+                continue
+            self._rtx_tokens -= RETRANSMIT_PACKET_BYTES
+            resent[seq] = now
+            allowed.append(seq)
+        if len(resent) > 2048:  # forget the oldest half
+            for seq in sorted(resent, key=resent.__getitem__)[:1024]:
+                del resent[seq]
+        return allowed
+
+    def _total_remb(self, now: float) -> int:
+        if self._session_remb is not None and now - self._session_remb[1] < REMB_FRESH_S:
+            return self._session_remb[0]
+        video = sum(bps for bps, at in self._stream_remb.values() if now - at < REMB_FRESH_S)
+        # aiortc's per-stream REMBs cover video only; the allocator reserves audio itself
+        return video + AUDIO_BPS * self._audio_tracks
+
+    def on_remb(self, bps: int, now: float | None = None) -> None:
+        """Pass on a REMB only when it is evidence.
+
+        A receiver's REMB (aiortc's and libwebrtc's AIMD) never exceeds ~1.5x what
+        it receives and starts near it (a per-stream REMB of a fresh aiortc receiver
+        is ~0.9x the stream), so a REMB a little below what we send is
+        not congestion, just a receiver that has not been shown more; following it
+        would ratchet a good viewer down.  A REMB clearly below the delivered rate
+        is the receiver's delay-based detector seeing a queue: follow it.  A REMB
+        at or above the estimate only raises the cap.
+        """
+        now = time.monotonic() if now is None else now
+        delivered = self.estimator.delivered_bps(now)
+        congested = delivered is not None and bps < REMB_CONGESTION_FRACTION * delivered
+        if congested or bps >= self.estimator.estimate_bps(now):
+            self.estimator.on_remb(bps, now)
+
+    # -- the periodic decision ------------------------------------------------
+
+    async def tick(self, slots: list[Slot], now: float | None = None) -> None:
+        now = time.monotonic() if now is None else now
+        delivered = 0
+        active: set[int] = set()
+        for slot in slots:
+            key = id(slot.downtrack)
+            total = slot.downtrack.bytes_forwarded
+            step = total - self._last_bytes.get(key, total)
+            delivered += step
+            self._last_bytes[key] = total
+            if step > 0 and slot.kind == "video":
+                active.add(key)
+        self._active_video = active
+        self.estimator.on_delivered(delivered, now)
+        estimate = self.estimator.estimate_bps(now)
+        if estimate < self._last_estimate * 0.9:
+            logger.info(
+                "%r: estimate %d -> %r", self, self._last_estimate, self.estimator.snapshot(now)
+            )
+        self._last_estimate = estimate
+        videos: list[tuple[Slot, VideoCandidate]] = []
+        audio_tracks = 0
+        for slot in slots:
+            if slot.info is None or slot.forwarder is None:
+                continue
+            if slot.info.kind == "audio":
+                audio_tracks += 1
+                continue
+            videos.append((slot, self._candidate(slot.forwarder, now)))
+        self._audio_tracks = audio_tracks
+        choices = self.allocator.allocate(
+            estimate, [c for _, c in videos], AUDIO_BPS, max(audio_tracks, 1)
+        )
+        for slot, candidate in videos:
+            choice = choices.get(candidate.track_id)
+            if choice is not None:
+                await self._apply(slot, choice)
+
+    def _candidate(self, forwarder: Forwarder, now: float) -> VideoCandidate:
+        track_id = forwarder.info.id
+        last = self._last_packet_bytes.get(track_id)
+        self._last_packet_bytes[track_id] = (now, forwarder.bytes)
+        if last is not None and now > last[0]:
+            rate = (forwarder.bytes - last[1]) * 8 / (now - last[0])
+            prev = self._original_bps.get(track_id)
+            self._original_bps[track_id] = rate if prev is None else 0.7 * prev + 0.3 * rate
+        original = int(max(self._original_bps.get(track_id, 0.0), MIN_ORIGINAL_BPS))
+        layers = [Layer(ORIGINAL, original)]
+        layers += [Layer(r.name, r.bitrate) for r in self.pool.rungs_for(forwarder, original)]
+        priority = PRIORITY_SCREEN if forwarder.info.source == "screen" else PRIORITY_OTHER
+        return VideoCandidate(track_id, priority, tuple(layers))
+
+    async def _apply(self, slot: Slot, choice: Choice) -> None:
+        assert slot.info is not None and slot.forwarder is not None
+        track_id = slot.info.id
+        forwarder = slot.forwarder
+        previous = self.layers.get(track_id, ORIGINAL)
+        if choice.layer == previous:
+            return
+        downtrack = slot.downtrack
+        if choice.layer == PAUSED:
+            downtrack.unbind()
+        elif choice.layer == ORIGINAL:
+            if previous == PAUSED:
+                downtrack.bind(forwarder)
+            else:
+                downtrack.switch(forwarder)
+        else:
+            source = self.pool.acquire(forwarder, choice.layer)
+            if previous == PAUSED:
+                downtrack.bind(source)
+            else:
+                downtrack.switch(source)
+        if previous not in (ORIGINAL, PAUSED):
+            # make before break: the old rung keeps flowing until the switch happened
+            asyncio.get_running_loop().call_later(
+                RELEASE_DELAY_S, self.pool.release, forwarder, previous
+            )
+        self.layers[track_id] = choice.layer
+        logger.info("%r: %s %s -> %s (%s)", self, track_id, previous, choice.layer, choice.reason)
+        if self._on_layer is not None:
+            await self._on_layer(slot.info, slot.mid, choice)
+
+    def forget(self, track_id: str, forwarder: Forwarder | None) -> None:
+        """The subscriber no longer watches ``track_id``."""
+        layer = self.layers.pop(track_id, ORIGINAL)
+        self.allocator.forget(track_id)
+        self._original_bps.pop(track_id, None)
+        self._last_packet_bytes.pop(track_id, None)
+        if forwarder is not None and layer not in (ORIGINAL, PAUSED):
+            self.pool.release(forwarder, layer)
+
+    def close(self, slots: list[Slot]) -> None:
+        for slot in slots:
+            if slot.info is not None:
+                self.forget(slot.info.id, slot.forwarder)

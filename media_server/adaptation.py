@@ -58,12 +58,13 @@ RETRANSMIT_PACKET_BYTES = 1000
 # Rise below 5 % loss (not 2 %): satellite and EDGE links lose 2-3 % at random,
 # which would otherwise hold the estimate forever; overshooting a real queue
 # shows up as far more than the 10 % that cuts.
-# After a loss cut, a clean link climbs back to 85 % of its REMB at +50 %/s.
+# After a loss cut, a clean link climbs back to 70 % of its REMB at +50 %/s
+# (aiortc's per-stream REMB is a ceiling of 1.5x what it receives, not capacity).
 ESTIMATOR = EstimatorConfig(
     initial_bps=20_000_000,
     ceiling_bps=20_000_000,
     loss_increase_below=0.05,
-    remb_recovery_fraction=0.85,
+    remb_recovery_fraction=0.7,
 )
 
 

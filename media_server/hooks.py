@@ -11,6 +11,9 @@ subscriber sends to one of our senders.  The seams used here:
   track's asyncio queue ``RemoteStreamTrack._queue`` on the loop thread: the
   remote track becomes a packet stream and no thread touches the packets.
 * ``JitterFrame.data`` / ``.timestamp`` — the reassembled frame.
+* ``RTCRtpReceiver.__jitter_buffer`` and ``JitterBuffer._origin/_packets/
+  _capacity/remove/_remove_frame`` — video receivers get a
+  :class:`GapSkippingJitterBuffer` in the same wrapper.
 * ``RTCRtpReceiver._send_rtcp_pli(ssrc)`` — sends a PLI to the publisher.
 * ``RTCRtpReceiver._RTCRtpReceiver__rtx_ssrc`` — RTX SSRCs, to exclude them.
 * ``RTCRtpSender._handle_rtcp_packet`` — the per-sender RTCP entry point that
@@ -46,6 +49,7 @@ import aiortc.clock as aiortc_clock
 import aiortc.rtcrtpreceiver as _receiver_module
 from aioice.ice import StunProtocol
 from aiortc import RTCRtpReceiver, RTCRtpSender
+from aiortc.jitterbuffer import JitterBuffer, JitterFrame
 from aiortc.rtp import (
     RTCP_PSFB_APP,
     RTCP_PSFB_FIR,
@@ -63,6 +67,7 @@ from .packet import MediaPacket, is_keyframe
 logger = logging.getLogger(__name__)
 
 PASSTHROUGH_MIME_TYPES = frozenset({"video/vp8", "video/h264", "audio/opus"})
+GAP_MAX_WAIT_S = 0.25  # how long a lost video packet may hold back newer frames
 
 
 class HookError(RuntimeError):
@@ -130,7 +135,113 @@ class _DirectQueue:
         return None
 
 
+class GapSkippingJitterBuffer(JitterBuffer):
+    """aiortc's video jitter buffer, but a lost packet blocks for a bounded time only.
+
+    aiortc releases nothing behind a missing packet until 512 newer packets have
+    arrived: seconds of frozen video on a low-rate stream if the retransmission
+    is lost too.  Here, once a hole has blocked the buffer for ``max_wait_s``,
+    it jumps to live: everything up to the first frame start after the newest
+    hole is dropped (older frames are stale by then) and a keyframe is requested
+    (the references are gone).  A frame starts after a marker bit, or where the
+    VP8 payload descriptor has S=1 and partition index 0.
+    """
+
+    def __init__(self, capacity: int, max_wait_s: float = GAP_MAX_WAIT_S) -> None:
+        super().__init__(capacity=capacity, is_video=True)
+        self._max_wait_s = max_wait_s
+        self._blocked_since: float | None = None
+        self.gaps_skipped = 0
+
+    def add(self, packet: Any) -> tuple[bool, Any]:
+        pli, frame = super().add(packet)
+        if frame is not None or self._origin is None or not self._hole_before(packet):
+            self._blocked_since = None
+            return pli, frame
+        now = time.monotonic()
+        if self._blocked_since is None:
+            self._blocked_since = now
+        if now - self._blocked_since < self._max_wait_s:
+            return pli, frame
+        # waited long enough for a repair: jump to the newest frame that can be
+        # complete, dropping the older ones (stale by now) and the one with the hole
+        if self._jump_past_last_hole():
+            self._blocked_since = None
+            self.gaps_skipped += 1
+            complete = self._take_frame_at_origin()
+            return True, complete if complete is not None else self._remove_frame(
+                packet.sequence_number
+            )
+        return pli, frame
+
+    def _hole_before(self, packet: Any) -> bool:
+        assert self._origin is not None
+        span = (packet.sequence_number - self._origin) & 0xFFFF
+        return any(
+            self._packets[(self._origin + i) % self._capacity] is None
+            for i in range(min(span, self._capacity))
+        )
+
+    def _take_frame_at_origin(self) -> JitterFrame | None:
+        """The frame at the origin, if its packets through the marker bit are all here."""
+        assert self._origin is not None
+        parts = []
+        for count in range(self._capacity):
+            pkt = self._packets[(self._origin + count) % self._capacity]
+            if pkt is None:
+                return None
+            parts.append(pkt)
+            if pkt.marker:
+                frame = JitterFrame(
+                    data=b"".join(p._data for p in parts),  # type: ignore[attr-defined]
+                    timestamp=parts[0].timestamp,
+                )
+                self.remove(count + 1)
+                return frame
+        return None
+
+    def _jump_past_last_hole(self) -> bool:
+        """Move the origin to the first frame start after the newest hole; False if none."""
+        assert self._origin is not None
+        last_hole = None
+        newest = 0
+        for count in range(self._capacity):
+            if self._packets[(self._origin + count) % self._capacity] is None:
+                last_hole = count
+            else:
+                newest = count
+        if last_hole is None or last_hole > newest:
+            last_hole = next(
+                (
+                    c
+                    for c in range(newest, -1, -1)
+                    if self._packets[(self._origin + c) % self._capacity] is None
+                ),
+                None,
+            )
+        if last_hole is None:
+            return False
+        for count in range(last_hole + 1, newest + 1):
+            if self._starts_frame(count):
+                self.remove(count)
+                return True
+        return False
+
+    def _starts_frame(self, count: int) -> bool:
+        assert self._origin is not None
+        pkt = self._packets[(self._origin + count) % self._capacity]
+        if pkt is None:
+            return False
+        prev = self._packets[(self._origin + count - 1) % self._capacity]
+        if prev is not None and prev.marker:
+            return True
+        payload = pkt.payload
+        # VP8 payload descriptor (RFC 7741): S bit set and partition index 0
+        return bool(payload) and (payload[0] & 0x17) == 0x10
+
+
 _DECODER_QUEUE_ATTR = "_RTCRtpReceiver__decoder_queue"
+_JITTER_BUFFER_ATTR = "_RTCRtpReceiver__jitter_buffer"
 _DECODER_THREAD_ATTR = "_RTCRtpReceiver__decoder_thread"
 _ORIGINAL_RECEIVE = "_konsilium_original_receive"
 
@@ -151,6 +262,9 @@ def install_passthrough() -> None:
         started = getattr(self, _DECODER_THREAD_ATTR, None) is not None
         if not started and media and all(m in PASSTHROUGH_MIME_TYPES for m in media):
             setattr(self, _DECODER_QUEUE_ATTR, _DirectQueue(self))
+            current = getattr(self, _JITTER_BUFFER_ATTR, None)
+            if media[0].startswith("video/") and type(current) is JitterBuffer:
+                setattr(self, _JITTER_BUFFER_ATTR, GapSkippingJitterBuffer(current.capacity))
         await original(self, parameters)
 
     setattr(RTCRtpReceiver, _ORIGINAL_RECEIVE, original)
@@ -382,6 +496,11 @@ def check_hooks() -> None:
     receive = getattr(RTCRtpReceiver, _ORIGINAL_RECEIVE, None) or RTCRtpReceiver.receive
     if not {_DECODER_QUEUE_ATTR, _DECODER_THREAD_ATTR} <= set(receive.__code__.co_names):
         raise HookError("RTCRtpReceiver.receive no longer hands __decoder_queue to the thread")
+    if _JITTER_BUFFER_ATTR not in RTCRtpReceiver.__init__.__code__.co_names:
+        raise HookError("RTCRtpReceiver no longer keeps __jitter_buffer")
+    for name in ("_remove_frame", "remove"):
+        if not callable(getattr(JitterBuffer, name, None)):
+            raise HookError(f"aiortc JitterBuffer.{name} is gone")
     worker = getattr(_receiver_module, "decoder_worker", None)
     if worker is None or "get" not in worker.__code__.co_names:
         raise HookError("aiortc's decoder_worker no longer reads its input queue with get()")

@@ -36,3 +36,38 @@ def test_fast_clock_matches_aiortc_clock() -> None:
     assert abs(fast - reference) < int(0.05 * (1 << 32))
     reference_ms = int((clock.current_datetime() - clock.NTP_EPOCH).total_seconds() * 1000)
     assert abs(hooks._fast_ms() - reference_ms) < 50
+
+
+def _rtp(seq: int, ts: int, marker: bool) -> object:
+    from aiortc.rtp import RtpPacket
+
+    packet = RtpPacket(sequence_number=seq, timestamp=ts, marker=int(marker))
+    packet._data = f"{seq}".encode()  # type: ignore[attr-defined]
+    return packet
+
+
+def test_gap_skipping_jitter_buffer_does_not_freeze_behind_a_lost_packet() -> None:
+    import time
+
+    buffer = hooks.GapSkippingJitterBuffer(capacity=512, max_wait_s=0.05)
+    # frame 1 (seq 0-1) complete, frame 2 loses seq 2, frames 3.. (one packet each) follow
+    assert buffer.add(_rtp(0, 1000, False))[1] is None
+    assert buffer.add(_rtp(1, 1000, True))[1] is None
+    # seq 2 (first packet of frame 2000) is lost; frame 2000 ends at seq 3
+    assert buffer.add(_rtp(3, 2000, True))[1] is None  # everything waits behind the hole
+    assert buffer.add(_rtp(4, 3000, True))[1] is None
+    time.sleep(0.06)
+    pli, frame = buffer.add(_rtp(5, 4000, True))
+    assert pli, "a skipped gap must ask for a keyframe"
+    # jumped to live: the frame after the hole (3000), the one with the hole (2000) given up
+    assert frame is not None and frame.timestamp == 3000
+    assert buffer.gaps_skipped == 1
+    pli, frame = buffer.add(_rtp(6, 5000, True))
+    assert frame is not None and frame.timestamp == 4000  # and it flows again
+    # aiortc's own buffer would still be waiting
+    from aiortc.jitterbuffer import JitterBuffer
+
+    plain = JitterBuffer(capacity=512, is_video=True)
+    for seq, ts, marker in ((0, 1000, False), (1, 1000, True), (3, 2000, True), (4, 3000, True)):
+        plain.add(_rtp(seq, ts, marker))  # type: ignore[arg-type]
+    assert plain.add(_rtp(5, 4000, True))[1] is None  # type: ignore[arg-type]

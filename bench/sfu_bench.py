@@ -87,8 +87,11 @@ class RoomResult:
 async def run_room(
     mode: str, n: int, seconds: float, settle: float, audio: bool, workers: int
 ) -> RoomResult:
+    """``mode``: forward | reencode | record (forward, with every track recorded)."""
+    record = mode == "record"
+    server_mode = "forward" if record else mode
     data_dir = Path(tempfile.mkdtemp(prefix=f"konsilium-bench-{mode}-{n}-"))
-    extra = ("--media-mode", mode, "--log-level", "WARNING")
+    extra = ("--media-mode", server_mode, "--log-level", "WARNING")
     with KonsiliumServer(data_dir, extra_args=extra) as srv:
         pool = BotWorkers(max(1, min(workers, n)))
         try:
@@ -112,6 +115,8 @@ async def run_room(
                     print(f"  warning: not every pair connected within 30 s (N={n}, {mode})")
                     break
                 await asyncio.sleep(0.2)
+            if record:
+                await _recording(srv, start=True)
             await asyncio.sleep(settle)
             server_cpu = ProcessCpu(srv.pid)
             bot_cpus = [ProcessCpu(pid) for pid in pool.pids]
@@ -127,6 +132,8 @@ async def run_room(
             server_pct = server_cpu.stop()
             bots_pct = sum(cpu.stop() for cpu in bot_cpus)
             media1 = await _media_counters(srv)
+            if record:
+                await _recording(srv, start=False)
             sent = {v: int(snap1[v]["sent"]) - int(snap0[v]["sent"]) for v in subs}
             # frames queued before the window can arrive inside it: never count more than sent
             delivered = sum(
@@ -156,6 +163,18 @@ async def run_room(
             )
         finally:
             await pool.stop()
+
+
+async def _recording(srv: KonsiliumServer, *, start: bool) -> None:
+    headers = {"Authorization": "Bearer test-admin-key"}
+    url = f"{srv.url}/api/rooms/bench/recording"
+    async with aiohttp.ClientSession() as session:
+        method = session.post if start else session.delete
+        async with method(url, headers=headers, json={} if start else None) as resp:
+            if resp.status >= 300:
+                raise RuntimeError(
+                    f"recording {'start' if start else 'stop'}: {resp.status} {await resp.text()}"
+                )
 
 
 async def _media_counters(srv: KonsiliumServer) -> tuple[int, int]:
@@ -242,6 +261,7 @@ def main_plan(args: argparse.Namespace) -> list[RoomResult]:
     )
     results: list[RoomResult] = []
     plan = [("forward", n) for n in args.sizes] + [("reencode", n) for n in args.reference_sizes]
+    plan += [("record", n) for n in args.record_sizes]
     for mode, n in plan:
         print(f"running {mode} N={n} for {args.seconds:.0f} s ...", flush=True)
         result = run_room_isolated(mode, n, args)
@@ -250,6 +270,13 @@ def main_plan(args: argparse.Namespace) -> list[RoomResult]:
     print("\nsummary")
     print_table(results)
     forward = {r.n: r for r in results if r.mode == "forward"}
+    for rec in (r for r in results if r.mode == "record"):
+        fwd = forward.get(rec.n)
+        if fwd is not None:
+            print(
+                f"N={rec.n}: recording every track costs {rec.server_cpu - fwd.server_cpu:+.1f} "
+                f"% of a core ({rec.server_cpu:.1f} % vs {fwd.server_cpu:.1f} % unrecorded)"
+            )
     for ref in (r for r in results if r.mode == "reencode"):
         fwd = forward.get(ref.n)
         if fwd is not None and fwd.cpu_per_stream > 0:
@@ -270,6 +297,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--settle", type=float, default=3.0, help="seconds after all connect")
     parser.add_argument(
         "--audio", action="store_true", help="bots also publish Opus audio (50 packets/s each)"
+    )
+    parser.add_argument(
+        "--record-sizes",
+        type=int,
+        nargs="*",
+        default=[],
+        help="also run these sizes with every track recorded (issue 4 cost)",
     )
     parser.add_argument("--workers", type=int, default=2, help="bot processes")
     parser.add_argument("--json", type=Path, help="also write results here")

@@ -97,6 +97,10 @@ class AllocatorConfig:
     upgrade_calls: int = 3
     probe_calls: int = 5
     max_backoff: int = 8
+    # the most important video keeps (or gets) its lowest layer while the budget
+    # covers this share of it: on a weak link a small picture beats a paused one,
+    # and the estimate's loss cuts overshoot by about this much
+    lowest_layer_fraction: float = 0.75
 
     def __post_init__(self) -> None:
         if not 0 < self.headroom <= 1:
@@ -140,10 +144,12 @@ class Allocator:
         remaining = max(0.0, estimate_bps) * self.config.headroom - reserve
         ordered = sorted(enumerate(videos), key=lambda item: (-item[1].priority, item[0]))
         choices: dict[str, Choice] = {}
+        first = True
         for _, video in ordered:
-            choice = self._choose(video, remaining)
+            choice = self._choose(video, remaining, first)
             choices[video.track_id] = choice
             remaining -= choice.bitrate
+            first = False
         for gone in set(self._state) - set(ids):
             del self._state[gone]
         return {track_id: choices[track_id] for track_id in ids}
@@ -157,10 +163,17 @@ class Allocator:
         state = self._state.get(track_id)
         return None if state is None else state.layer
 
-    def _choose(self, video: VideoCandidate, remaining: float) -> Choice:
+    def _choose(self, video: VideoCandidate, remaining: float, first: bool) -> Choice:
         cfg = self.config
         layers = sorted(video.layers, key=lambda layer: (layer.bitrate, layer.name))
         fits = _best_within(layers, remaining)
+        if (
+            first
+            and fits is None
+            and layers
+            and layers[0].bitrate * cfg.lowest_layer_fraction <= remaining
+        ):
+            fits = layers[0]  # the most important video is not paused for a small shortfall
         state = self._state.get(video.track_id)
         current = None if state is None else _find(layers, state.layer)
         if (

@@ -348,3 +348,8 @@ class _SubscriberEvents:
 
     async def track_unpublished(self, track: dict[str, str]) -> None:
         await self._send({"type": "track_unpublished", "track": track})
+
+    async def video_layer(self, track: dict[str, str], layer: str, reason: str) -> None:
+        await self._send(
+            {"type": "video_quality", "track": track, "layer": layer, "reason": reason}
+        )

@@ -194,3 +194,16 @@ def test_tracks_that_leave_are_forgotten() -> None:
 def test_duplicate_tracks_are_rejected() -> None:
     with pytest.raises(ValueError):
         Allocator().allocate(1_000_000, [camera("a"), camera("a")], AUDIO_BPS)
+
+
+def test_lowest_layer_is_kept_when_the_budget_is_just_short_of_it() -> None:
+    from media_server.allocator import Allocator, Layer, VideoCandidate
+
+    video = VideoCandidate("v", 0, (Layer("original", 500_000), Layer("90p", 60_000)))
+    allocator = Allocator()
+    # audio 3 x 56 k reserved; 225 k estimate leaves 57 k: just short of the 60 k rung
+    choice = allocator.allocate(225_000, [video], 56_000, audio_tracks=3)["v"]
+    assert choice.layer == "90p"
+    # far short: paused
+    choice = allocator.allocate(190_000, [video], 56_000, audio_tracks=3)["v"]
+    assert choice.paused

@@ -46,6 +46,7 @@ log = logging.getLogger(__name__)
 
 Kind = Literal["audio", "video"]
 TRACKS_DIR = "tracks"
+BATCH_S = 0.1  # on an event loop, packets are handed to the muxing thread in batches
 SEGMENT_SUFFIX = ".webm"
 PARTIAL_SUFFIX = ".part"
 _TRACK_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
@@ -296,6 +297,7 @@ class TrackWriter:
         self._lock = threading.Lock()
         self._queue: deque[_Item | None] = deque()
         self._draining = False
+        self._batch_pending = False  # a BATCH_S timer will submit the drain
         self._closed = False
         self._close_future: Future[None] | None = None
         # worker side
@@ -451,6 +453,34 @@ class TrackWriter:
             self._seg_start = None  # the next accepted packet starts a segment
 
     def _schedule_locked(self) -> None:
+        """Have the worker drain the queue: now, or within BATCH_S on an event loop.
+
+        Waking the worker for every packet makes it fight the event loop for the
+        GIL hundreds of times a second; on the loop, packets are muxed in batches.
+        """
+        if self._draining:
+            return
+        if self._closed:  # closing: drain now, a pending timer may never fire
+            self._batch_pending = False
+            self._submit_locked()
+            return
+        if self._batch_pending:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # not on an event loop (tests, tools): drain now
+            self._submit_locked()
+            return
+        self._batch_pending = True
+        loop.call_later(BATCH_S, self._batch_due)
+
+    def _batch_due(self) -> None:
+        with self._lock:
+            self._batch_pending = False
+            if self._queue and not self._draining:
+                self._submit_locked()
+
+    def _submit_locked(self) -> None:
         if self._draining:
             return
         try:

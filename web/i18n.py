@@ -115,6 +115,66 @@ MESSAGES: dict[str, dict[str, str]] = {
         "error_unknown": "Ошибка: {message}",
         "close_unauthorized": "Доступ не подтверждён.",
         "close_forbidden": "Доступ запрещён.",
+        "error_recording_active": "Консилиум уже записывается.",
+        "error_not_recording": "Запись сейчас не ведётся.",
+        "error_recording_failed": "Сервер не смог начать запись.",
+        "error_disk_full": "Сервер не смог начать запись: на диске нет места.",
+        "error_recording_unavailable": "Запись на этом сервере недоступна.",
+        "error_room_not_live": "В консилиуме нет участников: запись не начата.",
+        "error_forbidden_record": "У вас нет права вести запись консилиума.",
+        # video quality (per-viewer adaptation)
+        "quality_reduced": "{layer} · слабый канал",
+        "quality_title": "Качество видео снижено под скорость вашего канала",
+        "video_paused": "Видео приостановлено: слабый канал — идёт только звук",
+        # recording and consent
+        "recording_on": "Идёт запись",
+        "recording_waiting": "Запись ждёт согласия: {n} из {total}",
+        "recording_start": "Начать запись",
+        "recording_stop": "Остановить запись",
+        "recording_stopped_stopped": "Запись консилиума остановлена.",
+        "recording_stopped_disk_full": (
+            "Запись остановлена: на сервере закончилось место. "
+            "Записанное до этого момента сохранено."
+        ),
+        "recording_stopped_room_empty": "Запись остановлена: в консилиуме не осталось участников.",
+        "recording_stopped_shutdown": (
+            "Запись остановлена: сервер выключается. Записанное сохранено."
+        ),
+        "recording_stopped_error": "Запись остановлена из-за ошибки на сервере.",
+        "recording_stopped_other": "Запись остановлена ({reason}).",
+        "recording_stopped_away": "Запись была остановлена, пока не было связи.",
+        "consent_title": "Согласие на запись консилиума",
+        "consent_text": (
+            "Консилиум записывается для медицинской документации: видео, звук и список "
+            "участников сохраняются в защищённом архиве. "
+            "Вы согласны на запись с вашим участием?"
+        ),
+        "consent_started_by": "Запись начал(а): {name}",
+        "consent_started_by_system": "Запись начата медицинской информационной системой.",
+        "consent_mode_required": "Пока вы не согласитесь, ваши видео и звук не записываются.",
+        "consent_mode_default": (
+            "Запись уже идёт. Ваш ответ вносится в протокол записи; ответ можно изменить позже."
+        ),
+        "consent_agree": "Согласен(на)",
+        "consent_decline": "Не согласен(на)",
+        "consent_declined_title": "Вы не дали согласия на запись",
+        "consent_declined_default": (
+            "Ваш отказ внесён в протокол записи. Запись консилиума продолжается, "
+            "и ваши видео и звук в неё попадают. Если вы не хотите, чтобы вас записывали, "
+            "покиньте консилиум."
+        ),
+        "consent_declined_required": (
+            "Ваш отказ внесён в протокол записи. Ваши видео и звук не записываются. "
+            "Вы можете покинуть консилиум или остаться."
+        ),
+        "consent_declined_blocks": (
+            "Пока вы в консилиуме, запись остальных участников не начнётся."
+        ),
+        "consent_stay": "Остаться в консилиуме",
+        "consent_state_pending": "Согласие на запись: нет ответа",
+        "consent_state_granted": "Вы согласны на запись",
+        "consent_state_declined": "Вы не согласны на запись",
+        "consent_change": "изменить ответ",
     },
     "en": {
         # product and pages
@@ -217,6 +277,67 @@ MESSAGES: dict[str, dict[str, str]] = {
         "error_unknown": "Error: {message}",
         "close_unauthorized": "Access was not confirmed.",
         "close_forbidden": "Access denied.",
+        "error_recording_active": "The council is already being recorded.",
+        "error_not_recording": "The council is not being recorded.",
+        "error_recording_failed": "The server could not start the recording.",
+        "error_disk_full": "The server could not start the recording: its disk is full.",
+        "error_recording_unavailable": "Recording is not available on this server.",
+        "error_room_not_live": "Nobody is in the council: the recording was not started.",
+        "error_forbidden_record": "You are not allowed to record the council.",
+        # video quality (per-viewer adaptation)
+        "quality_reduced": "{layer} · weak link",
+        "quality_title": "Video quality lowered to fit your link",
+        "video_paused": "Video paused: weak link — audio only",
+        # recording and consent
+        "recording_on": "Recording",
+        "recording_waiting": "Recording waits for consent: {n} of {total}",
+        "recording_start": "Start recording",
+        "recording_stop": "Stop recording",
+        "recording_stopped_stopped": "The council recording was stopped.",
+        "recording_stopped_disk_full": (
+            "The recording stopped: the server ran out of disk space. "
+            "What was recorded until then is kept."
+        ),
+        "recording_stopped_room_empty": "The recording stopped: everyone left the council.",
+        "recording_stopped_shutdown": (
+            "The recording stopped: the server is shutting down. What was recorded is kept."
+        ),
+        "recording_stopped_error": "The recording stopped because of a server error.",
+        "recording_stopped_other": "The recording stopped ({reason}).",
+        "recording_stopped_away": "The recording was stopped while you were disconnected.",
+        "consent_title": "Consent to recording the council",
+        "consent_text": (
+            "The council is being recorded for the medical record: video, audio and the list "
+            "of participants are kept in a protected archive. "
+            "Do you agree to being recorded?"
+        ),
+        "consent_started_by": "Recording started by {name}",
+        "consent_started_by_system": "Recording started by the medical information system.",
+        "consent_mode_required": "Until you agree, your video and audio are not recorded.",
+        "consent_mode_default": (
+            "Recording is already under way. Your answer goes into the recording's log; "
+            "you can change it later."
+        ),
+        "consent_agree": "I agree",
+        "consent_decline": "I do not agree",
+        "consent_declined_title": "You did not consent to the recording",
+        "consent_declined_default": (
+            "Your refusal is in the recording's log. The council recording continues "
+            "and includes your video and audio. If you do not want to be recorded, "
+            "leave the council."
+        ),
+        "consent_declined_required": (
+            "Your refusal is in the recording's log. Your video and audio are not recorded. "
+            "You may leave the council or stay."
+        ),
+        "consent_declined_blocks": (
+            "While you are in the council, the others' recording will not start."
+        ),
+        "consent_stay": "Stay in the council",
+        "consent_state_pending": "Recording consent: no answer",
+        "consent_state_granted": "You agreed to the recording",
+        "consent_state_declined": "You declined the recording",
+        "consent_change": "change your answer",
     },
 }
 

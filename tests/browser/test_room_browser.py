@@ -8,6 +8,8 @@ mute and leave reaching the others, a clear error for a bad link.
 from __future__ import annotations
 
 import asyncio
+import json
+import re
 import time
 from collections.abc import Awaitable, Callable
 from functools import partial
@@ -18,7 +20,7 @@ import jwt
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from playwright.async_api import Page
+from playwright.async_api import Browser, Page, WebSocketRoute
 
 from media_server.bot import Bot
 from media_server.clip import Clip
@@ -325,3 +327,201 @@ async def test_bad_link_shows_translated_error_and_does_not_retry(
         assert not await page.locator("#btn-rejoin").is_visible()
         assert not await page.locator("#btn-leave").is_visible()
         assert not await page.locator("#tiles").is_visible()
+
+
+# -- video quality and recording -------------------------------------------------
+
+
+class WsTap:
+    """The page's WebSockets pass through Playwright: everything is relayed unchanged,
+    and a test can add a message for the page (``to_page``) or for the server as if the
+    page had sent it (``to_server``)."""
+
+    def __init__(self) -> None:
+        self.routes: list[tuple[WebSocketRoute, WebSocketRoute]] = []
+
+    def __call__(self, ws: WebSocketRoute) -> None:
+        server_side = ws.connect_to_server()  # no handlers: both directions are forwarded
+        self.routes.append((ws, server_side))
+
+    def to_page(self, message: dict[str, Any]) -> None:
+        self.routes[-1][0].send(json.dumps(message))
+
+    def to_server(self, message: dict[str, Any]) -> None:
+        self.routes[-1][1].send(json.dumps(message))
+
+
+async def open_page_with_ws_tap(
+    browser: Browser, url: str, tap: WsTap, *, locale: str = "ru-RU"
+) -> tuple[Page, PageLog]:
+    """Like ``open_page``, with the page's WebSockets through ``tap``; the caller closes
+    ``page.context``."""
+    context = await browser.new_context(
+        locale=locale, viewport={"width": 1280, "height": 720}, permissions=["camera", "microphone"]
+    )
+    context.set_default_timeout(10_000)
+    page = await context.new_page()
+    log = PageLog(page)
+    await page.route_web_socket(re.compile(r"/ws$"), tap)
+    await page.goto(url, wait_until="domcontentloaded")
+    return page, log
+
+
+async def test_video_quality_badge_and_paused_video(
+    server: KonsiliumServer, clip: Clip, browser: Browser, tmp_path: Path
+) -> None:
+    bot = await start_bot(server, clip)
+    tap = WsTap()
+    page, log = await open_page_with_ws_tap(browser, room_url(server, browser_token(server)), tap)
+    try:
+        await wait_joined(page, log, server)
+        ok, stats = await until(
+            lambda: video_from(page, bot.id), lambda s: s.get("framesDecoded", 0) > 0, 15
+        )
+        assert ok, f"the page decoded no video of the bot: {stats}{why(log, server)}"
+        camera = next(
+            t
+            for t in (await page_state(page))["tracks"]
+            if t["participant_id"] == bot.id and t["kind"] == "video"
+        )
+        root = f'#tiles .tile.remote[data-participant="{bot.id}"]'
+        badge = page.locator(f"{root} .quality")
+        note = page.locator(f"{root} .paused-note")
+        assert not await badge.is_visible() and not await note.is_visible()
+
+        async def server_says(layer: str, reason: str) -> None:
+            tap.to_page(
+                {"type": "video_quality", "track": camera, "layer": layer, "reason": reason}
+            )
+
+        async def quality() -> Any:
+            return (await page_state(page))["quality"].get(bot.id)
+
+        # a ladder rung: a badge with the rung and the reason
+        await server_says("240p", "bandwidth")
+        ok, layer = await until(quality, lambda q: q == "240p", 5)
+        assert ok, f"state quality {layer!r}{why(log)}"
+        assert await badge.is_visible()
+        assert await badge.text_content() == RU["quality_reduced"].format(layer="240p")
+        assert await badge.text_content() == "240p · слабый канал"
+        assert not await note.is_visible()
+        shot = tmp_path / "tile-quality.png"
+        await page.locator(root).screenshot(path=str(shot))
+        assert shot.stat().st_size > 0
+
+        # paused: audio only; the last frame stays, dimmed, with the notice over it
+        await server_says("paused", "bandwidth")
+        ok, layer = await until(quality, lambda q: q == "paused", 5)
+        assert ok, f"state quality {layer!r}{why(log)}"
+        assert await note.is_visible()
+        assert await note.text_content() == RU["video_paused"]
+        assert not await badge.is_visible()
+        video = page.locator(f"{root} video")
+        assert await video.is_visible()
+        assert await video.evaluate("v => v.videoWidth") == 640  # the frame is still there
+        await page.locator(root).screenshot(path=str(tmp_path / "tile-paused.png"))
+
+        # back to the original: nothing shown
+        await server_says("original", "ok")
+        ok, layer = await until(quality, lambda q: q == "original", 5)
+        assert ok, f"state quality {layer!r}{why(log)}"
+        assert not await badge.is_visible() and not await note.is_visible()
+    finally:
+        await page.context.close()
+        await bot.stop()
+
+
+async def test_recording_start_consent_and_stop(
+    server: KonsiliumServer, clip: Clip, browser: Browser, open_page: OpenPage, tmp_path: Path
+) -> None:
+    bot = await start_bot(server, clip)
+    page: Page | None = None
+    try:
+        recorder_token = server.mint(
+            "browser-petrov",
+            name="Петров С. И.",
+            clinic="Окружная больница",
+            grants=("join", "publish", "subscribe", "record"),
+        )
+        tap = WsTap()
+        page, log = await open_page_with_ws_tap(browser, room_url(server, recorder_token), tap)
+        other, other_log = await open_page(
+            room_url(server, server.mint("browser-smirnova", name="Смирнова Е. А."), lang="en")
+        )
+        me = await wait_joined(page, log, server)
+        them = await wait_joined(other, other_log, server)
+
+        async def recording(p: Page) -> dict[str, Any]:
+            state: dict[str, Any] = (await page_state(p))["recording"]
+            return state
+
+        # only the participant with the record grant gets the button
+        start = page.locator("#btn-record")
+        await start.wait_for(state="visible")
+        assert await text_of(page, "#btn-record .ctl-label") == RU["recording_start"]
+        assert not await other.locator("#btn-record").is_visible()
+        assert not await page.locator("#rec").is_visible()
+
+        await start.click()
+        for p, lg in ((page, log), (other, other_log)):
+            ok, rec = await until(partial(recording, p), lambda r: r["active"], 10)
+            assert ok, f"no recording_started: {rec}{why(lg, server)}"
+            assert rec["consent"] == "pending", rec
+        assert await page.locator("#rec").is_visible()
+        assert await text_of(page, "#rec") == "●Идёт запись"  # the dot and a CSS gap
+        assert await text_of(other, "#rec-text") == EN["recording_on"]
+        red = await page.locator("#rec").evaluate("e => getComputedStyle(e).backgroundColor")
+        assert red == "rgb(197, 34, 31)", red
+        assert await text_of(page, "#btn-record .ctl-label") == RU["recording_stop"]
+
+        # the consent dialog is modal; its question has the focus; answered by keyboard
+        dialog = page.locator("#consent-dialog")
+        await dialog.wait_for(state="visible")
+        assert await dialog.evaluate("d => d.open && d.matches(':modal')")
+        await page.screenshot(path=str(tmp_path / "consent.png"))
+        assert await page.evaluate("() => document.activeElement.id") == "consent-title"
+        assert await text_of(page, "#btn-consent-yes") == RU["consent_agree"] == "Согласен(на)"
+        assert await text_of(page, "#btn-consent-no") == RU["consent_decline"]
+        await page.keyboard.press("Tab")
+        assert await page.evaluate("() => document.activeElement.id") == "btn-consent-yes"
+        await page.keyboard.press("Enter")
+        ok, rec = await until(partial(recording, page), lambda r: r["consent"] == "granted", 5)
+        assert ok, f"the server did not confirm the consent: {rec}{why(log, server)}"
+        assert not await dialog.is_visible()
+        assert await text_of(page, "#rec-consent-text") == RU["consent_state_granted"]
+        await page.screenshot(path=str(tmp_path / "recording.png"))
+
+        # the other participant declines: told it may leave, and the leave button is offered
+        await other.locator("#consent-dialog").wait_for(state="visible")
+        await other.click("#btn-consent-no")
+        ok, rec = await until(partial(recording, other), lambda r: r["consent"] == "declined", 5)
+        assert ok, f"the decline was not confirmed: {rec}{why(other_log, server)}"
+        assert await other.locator("#consent-declined").is_visible()
+        assert EN["consent_declined_default"] in await text_of(other, "#declined-text")
+        assert await text_of(other, "#btn-declined-leave") == EN["leave"]
+        await other.screenshot(path=str(tmp_path / "declined.png"))
+        await other.click("#btn-declined-stay")
+        assert not await other.locator("#consent-dialog").is_visible()
+        assert await text_of(other, "#rec-consent-text") == EN["consent_state_declined"]
+        assert (await recording(page))["active"] and them != me
+
+        # stop: the indicator goes for everyone, with the reason
+        await page.click("#btn-record")
+        for p, lg in ((page, log), (other, other_log)):
+            ok, rec = await until(partial(recording, p), lambda r: not r["active"], 10)
+            assert ok, f"no recording_stopped: {rec}{why(lg, server)}"
+            assert not await p.locator("#rec").is_visible()
+        notice = '#notices [data-key="recording-stopped"] .text'
+        assert await text_of(page, notice) == RU["recording_stopped_stopped"]
+        assert await text_of(other, notice) == EN["recording_stopped_stopped"]
+        assert await text_of(page, "#btn-record .ctl-label") == RU["recording_start"]
+
+        # a stop when nothing is recorded (as if sent by the page): the server's error, translated
+        tap.to_server({"type": "recording_stop"})
+        error = '#notices [data-key="recording-error"] .text'
+        ok, shown = await until(partial(text_of, page, error), lambda s: s != "", 5)
+        assert shown == RU["error_not_recording"], why(log, server)
+    finally:
+        if page is not None:
+            await page.context.close()
+        await bot.stop()

@@ -26,7 +26,15 @@ ERROR_CODES = (
     "bad_sdp",
     "replaced",
     "internal",
+    "recording_active",
+    "not_recording",
+    "recording_failed",
+    "disk_full",
+    "recording_unavailable",
+    "room_not_live",
 )
+RECORDING_STOP_REASONS = ("stopped", "disk_full", "room_empty", "shutdown", "error")
+CONSENT_STATES = ("pending", "granted", "declined")
 
 
 @pytest.fixture
@@ -93,8 +101,15 @@ async def test_room_page(client: TestClient[web.Request, web.Application]) -> No
     assert config["room"] == "room-1"
     assert config["lang"] == "ru"
     assert re.search(r'<script type="module" src="/static/room\.js\?v=[0-9a-f]+"></script>', html)
-    for button in ("btn-camera", "btn-mic", "btn-leave"):
+    for button in ("btn-camera", "btn-mic", "btn-leave", "btn-record"):
         assert re.search(rf'<button id="{button}"[^>]* aria-label="[^"]+"', html)
+    # the recording indicator, the consent dialog and the quality overlays are in the page
+    assert re.search(r'<span id="rec" class="rec" role="status" hidden>', html)
+    assert MESSAGES["ru"]["recording_on"] in html
+    dialog = re.search(r'<dialog id="consent-dialog"[^>]*>', html)
+    assert dialog and 'aria-labelledby="consent-title"' in dialog.group(0)
+    assert MESSAGES["ru"]["consent_agree"] in html and MESSAGES["ru"]["consent_decline"] in html
+    assert MESSAGES["ru"]["video_paused"] in html
 
 
 async def test_room_page_english(client: TestClient[web.Request, web.Application]) -> None:
@@ -149,6 +164,9 @@ def test_protocol_errors_tiers_roles_and_states_are_translated() -> None:
             for state in ("connecting", "connected", "reconnecting", "disconnected", "failed")
         ]
         + ["no_token", "media_unavailable", "you_left", "lang_label", "leave"]
+        # built in room.js from protocol values: t(`recording_stopped_${reason}`) ...
+        + [f"recording_stopped_{reason}" for reason in RECORDING_STOP_REASONS]
+        + [f"consent_state_{state}" for state in CONSENT_STATES]
     )
     for lang in MESSAGES:
         for key in keys:
@@ -168,6 +186,33 @@ def test_js_uses_only_known_keys() -> None:
     used = set(re.findall(r'\bt\("([a-z_]+)"', js))
     assert used, "no t(...) calls found"
     assert used <= set(MESSAGES["ru"]), used - set(MESSAGES["ru"])
+    # keys built from a prefix: every prefix used has its keys (see the test above)
+    prefixes = set(re.findall(r"\bt\(`([a-z_]+)\$\{", js))
+    assert prefixes == {
+        "error_",
+        "tier_",
+        "role_",
+        "state_",
+        "recording_stopped_",
+        "consent_state_",
+    }
+    # the error codes room.js translates are the ones tested above
+    match = re.search(r"const ERROR_CODES = new Set\(\[(.*?)\]\)", js, re.S)
+    assert match
+    assert set(re.findall(r'"([a-z_]+)"', match.group(1))) == set(ERROR_CODES)
+
+
+def test_quality_and_recording_strings() -> None:
+    assert MESSAGES["ru"]["quality_reduced"].format(layer="240p") == "240p · слабый канал"
+    assert MESSAGES["ru"]["video_paused"] == (
+        "Видео приостановлено: слабый канал — идёт только звук"
+    )
+    assert MESSAGES["ru"]["recording_on"] == "Идёт запись"
+    assert MESSAGES["ru"]["consent_agree"] == "Согласен(на)"
+    assert MESSAGES["ru"]["consent_decline"] == "Не согласен(на)"
+    assert MESSAGES["ru"]["recording_start"] == "Начать запись"
+    assert MESSAGES["ru"]["recording_stop"] == "Остановить запись"
+    assert MESSAGES["en"]["quality_reduced"].format(layer="240p") == "240p · weak link"
 
 
 @pytest.mark.parametrize(

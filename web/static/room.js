@@ -22,8 +22,14 @@ const TILE_MIN_WIDTH_PX = 240;
 const ERROR_CODES = new Set([
   "bad_message", "unsupported_version", "not_joined", "join_timeout", "invalid_token",
   "token_expired", "token_not_yet_valid", "wrong_room", "forbidden", "bad_sdp",
-  "replaced", "internal",
+  "replaced", "internal", "recording_active", "not_recording", "recording_failed", "disk_full",
+  "recording_unavailable", "room_not_live",
 ]);
+const RECORDING_REFS = new Set(["recording_start", "recording_stop", "consent"]);
+const RECORDING_STOP_REASONS = new Set(["stopped", "disk_full", "room_empty", "shutdown", "error"]);
+const RECORDING_PENDING_TIMEOUT_MS = 15000; // no answer to start/stop: enable the button again
+const RECORDING_NOTICE_MS = 15000;
+const ADMIN_ACTOR = "admin-api"; // recording_started.started_by for the REST API
 
 const $ = (id) => document.getElementById(id);
 const T = JSON.parse($("i18n").textContent);
@@ -70,6 +76,15 @@ const S = {
   disconnectTimer: null,
   lastError: null,
   soundBlocked: new Set(),
+  // video_quality: `${participant_id}:${source}` -> {participantId, source, layer, reason}
+  quality: new Map(),
+  // the room's recording: {id, startedBy, consentRequired, capturing, consent: {id: state}}
+  recording: null,
+  recordingStale: false, // rejoined: is the recording still on? the next message tells
+  recordingPending: null, // "recording_start" | "recording_stop" sent, not yet answered
+  recordingPendingTimer: null,
+  consentAskedFor: null, // recording id the dialog was opened for (once per recording)
+  answers: new Map(), // recording id -> our answer; re-sent after a reconnect
 };
 
 // ---------------------------------------------------------------- notices
@@ -333,6 +348,13 @@ function teardownSession({ keepTiles = false } = {}) {
   if (S.pendingPublishAnswer) S.pendingPublishAnswer.reject(new Error("closed"));
   S.pendingPublishAnswer = null;
   S.tracks.clear();
+  S.quality.clear(); // a new subscribe connection starts at the original quality
+  setRecordingPending(null);
+  if (!keepTiles) {
+    S.recording = null; // we are no longer in the room
+    S.recordingStale = false;
+    closeConsent();
+  }
   if (keepTiles) {
     syncMedia(); // detaches the media of the closed connection
     for (const tile of S.tiles.values()) tile.root.classList.add("stale");
@@ -341,12 +363,18 @@ function teardownSession({ keepTiles = false } = {}) {
     S.participants.clear();
   }
   S.queue = Promise.resolve();
+  renderRecording();
   renderState();
 }
 
 // ---------------------------------------------------------------- messages
 
 async function handle(msg, gen) {
+  if (S.recordingStale && msg.type !== "joined" && msg.type !== "recording_started") {
+    // after a rejoin the server sends recording_started first if the room is still recorded
+    S.recordingStale = false;
+    if (S.recording) recordingEnded(t("recording_stopped_away"), "info");
+  }
   switch (msg.type) {
     case "joined":
       return onJoined(msg, gen);
@@ -363,8 +391,20 @@ async function handle(msg, gen) {
       if (msg.track && msg.track.mid != null) S.tracks.set(String(msg.track.mid), msg.track);
       return syncMedia();
     case "track_unpublished":
-      if (msg.track && msg.track.mid != null) S.tracks.delete(String(msg.track.mid));
+      if (msg.track && msg.track.mid != null) {
+        const info = S.tracks.get(String(msg.track.mid)) || msg.track;
+        S.quality.delete(`${info.participant_id}:${info.source}`);
+        S.tracks.delete(String(msg.track.mid));
+      }
       return syncMedia();
+    case "video_quality":
+      return onVideoQuality(msg);
+    case "recording_started":
+      return onRecording(msg, true);
+    case "recording_status":
+      return onRecording(msg, false);
+    case "recording_stopped":
+      return onRecordingStopped(msg);
     case "participant_joined":
       return onParticipantJoined(msg.participant);
     case "participant_updated":
@@ -385,6 +425,7 @@ function onJoined(msg, gen) {
   S.everJoined = true;
   S.retries = 0;
   S.self = msg.participant;
+  S.recordingStale = Boolean(S.recording);
   S.iceServers = Array.isArray(msg.ice_servers) ? msg.ice_servers : [];
   clearNotice("fatal");
   clearNotice("connection");
@@ -422,6 +463,7 @@ function onJoined(msg, gen) {
     notice("observer", t("observer_notice"), "info");
   }
   $("tile-local").hidden = !canPublish;
+  renderRecording();
   renderState();
 }
 
@@ -429,6 +471,10 @@ function onError(msg) {
   if (msg.ref === "publish_offer" && S.pendingPublishAnswer) {
     S.pendingPublishAnswer.reject(new Error(msg.code)); // publish() shows the notice
     S.pendingPublishAnswer = null;
+    return;
+  }
+  if (RECORDING_REFS.has(msg.ref)) {
+    onRecordingError(msg);
     return;
   }
   const level = msg.code === "bad_message" || msg.code === "internal" ? "warn" : "error";
@@ -768,6 +814,7 @@ function renderTileMedia(pid) {
   tile.root.querySelector(".mi-mic").hidden = !micOff;
   const cam = tile.elements.get("camera:video");
   if (cam) cam.hidden = Boolean(muted.camera);
+  renderQuality(pid);
 }
 
 function removeTile(id) {
@@ -811,11 +858,265 @@ function onParticipantLeft(id, reason) {
   for (const [mid, info] of S.tracks) {
     if (info.participant_id === id) S.tracks.delete(mid);
   }
+  for (const [key, q] of S.quality) {
+    if (q.participantId === id) S.quality.delete(key);
+  }
   if (p && reason !== "replaced") {
     const key = reason === "disconnected" ? "participant_disconnected" : "participant_left";
     notice(`p-${id}`, t(key, { name: p.name || id }), "info", { timeoutMs: 6000 });
   }
   renderState();
+}
+
+// ---------------------------------------------------------------- video quality
+
+// What the server's per-viewer adaptation sends us for each video (video_quality):
+// "original", a ladder rung ("240p", ...) or "paused" (audio only, keep the last frame).
+function onVideoQuality(msg) {
+  const track = msg.track && typeof msg.track === "object" ? msg.track : {};
+  const mapped = track.mid != null ? S.tracks.get(String(track.mid)) : null;
+  const pid = track.participant_id || (mapped && mapped.participant_id);
+  const source = track.source || (mapped && mapped.source) || "camera";
+  if (!pid || typeof msg.layer !== "string" || !msg.layer) return;
+  const reason = typeof msg.reason === "string" ? msg.reason : "";
+  S.quality.set(`${pid}:${source}`, { participantId: pid, source, layer: msg.layer, reason });
+  renderQuality(pid);
+}
+
+// The participant's camera quality, else its screen's.
+function videoQuality(pid) {
+  return S.quality.get(`${pid}:camera`) || S.quality.get(`${pid}:screen`) || null;
+}
+
+function qualitySnapshot() {
+  const out = {};
+  for (const q of S.quality.values()) {
+    if (!(q.participantId in out) || q.source === "camera") out[q.participantId] = q.layer;
+  }
+  return out;
+}
+
+function renderQuality(pid) {
+  const tile = S.tiles.get(pid);
+  if (!tile) return;
+  const badge = tile.root.querySelector(".quality");
+  const note = tile.root.querySelector(".paused-note");
+  if (!badge || !note) return;
+  let pausedShown = false;
+  for (const [key, el] of tile.elements) {
+    if (el.tagName !== "VIDEO") continue;
+    const q = S.quality.get(`${pid}:${key.split(":")[0]}`);
+    const paused = Boolean(q) && q.layer === "paused";
+    el.classList.toggle("paused", paused); // the last frame stays, dimmed by the note
+    if (paused && !el.hidden) pausedShown = true;
+  }
+  const q = videoQuality(pid);
+  const el = q ? tile.elements.get(`${q.source}:video`) : null;
+  const reduced = Boolean(q && el && !el.hidden) && q.layer !== "original" && q.layer !== "paused";
+  badge.hidden = !reduced;
+  if (reduced) {
+    badge.textContent = q.reason === "bandwidth" ? t("quality_reduced", { layer: q.layer }) : q.layer;
+  }
+  note.hidden = !pausedShown;
+  tile.root.classList.toggle("video-paused", pausedShown);
+}
+
+// ---------------------------------------------------------------- recording and consent
+
+function selfConsent() {
+  if (!S.recording) return null;
+  const mine = S.self ? S.recording.consent[S.self.id] : undefined;
+  return mine === "granted" || mine === "declined" ? mine : "pending";
+}
+
+// recording_started (started: true) and recording_status carry the same fields.
+function onRecording(msg, started) {
+  if (typeof msg.recording_id !== "string" || !msg.recording_id) return;
+  const known = Boolean(S.recording) && S.recording.id === msg.recording_id;
+  S.recordingStale = false;
+  S.recording = {
+    id: msg.recording_id,
+    startedBy: typeof msg.started_by === "string" ? msg.started_by : "",
+    consentRequired: msg.consent_required === true,
+    capturing: msg.capturing !== false,
+    consent: msg.consent && typeof msg.consent === "object" ? { ...msg.consent } : {},
+  };
+  if (S.recordingPending === "recording_start") setRecordingPending(null);
+  if (!known) clearNotice("recording-stopped");
+  if (selfConsent() === "pending") {
+    const answer = S.answers.get(msg.recording_id);
+    if (started && answer !== undefined) {
+      // we rejoined and the server asks again: the answer given on this page stands
+      send({ type: "consent", granted: answer });
+    } else if (S.consentAskedFor !== msg.recording_id) {
+      S.consentAskedFor = msg.recording_id;
+      openConsent();
+    }
+  }
+  if ($("consent-dialog").open) fillConsentText();
+  renderRecording();
+}
+
+function onRecordingStopped(msg) {
+  S.recordingStale = false;
+  if (S.recordingPending === "recording_stop") setRecordingPending(null);
+  const reason = typeof msg.reason === "string" ? msg.reason : "";
+  const text = RECORDING_STOP_REASONS.has(reason)
+    ? t(`recording_stopped_${reason}`)
+    : t("recording_stopped_other", { reason: reason || "?" });
+  recordingEnded(text, reason === "stopped" || reason === "room_empty" ? "info" : "warn");
+}
+
+function recordingEnded(text, level) {
+  S.recording = null;
+  closeConsent();
+  notice("recording-stopped", text, level, { timeoutMs: RECORDING_NOTICE_MS });
+  renderRecording();
+}
+
+function onRecordingError(msg) {
+  if (msg.ref === S.recordingPending) setRecordingPending(null);
+  if (msg.code === "not_recording") {
+    if (msg.ref === "consent") return; // answered as it stopped: recording_stopped says so
+    S.recording = null; // we missed the stop
+    closeConsent();
+  }
+  const text = msg.code === "forbidden" ? t("error_forbidden_record") : errorText(msg.code, msg.message);
+  const serious = msg.code === "disk_full" || msg.code === "recording_failed" || msg.code === "internal";
+  notice("recording-error", text, serious ? "error" : "warn", {
+    timeoutMs: serious ? 0 : RECORDING_NOTICE_MS,
+  });
+  renderRecording();
+}
+
+function setRecordingPending(type) {
+  clearTimeout(S.recordingPendingTimer);
+  S.recordingPendingTimer = null;
+  S.recordingPending = type;
+  if (type) {
+    S.recordingPendingTimer = setTimeout(() => {
+      S.recordingPending = null;
+      S.recordingPendingTimer = null;
+      renderRecording();
+    }, RECORDING_PENDING_TIMEOUT_MS);
+  }
+}
+
+function toggleRecording() {
+  if (S.recordingPending || !S.joined) return; // aria-disabled: the button keeps its focus
+  const type = S.recording ? "recording_stop" : "recording_start";
+  if (!send({ type })) return;
+  clearNotice("recording-error");
+  setRecordingPending(type);
+  renderRecording();
+}
+
+function renderRecording() {
+  const rec = S.left || S.fatal ? null : S.recording;
+  const indicator = $("rec");
+  indicator.hidden = !rec;
+  if (rec) {
+    const ids = Object.keys(rec.consent);
+    const granted = ids.filter((id) => rec.consent[id] === "granted").length;
+    indicator.classList.toggle("waiting", !rec.capturing);
+    $("rec-text").textContent = rec.capturing
+      ? t("recording_on")
+      : t("recording_waiting", { n: granted, total: ids.length });
+  }
+  const consentBtn = $("rec-consent");
+  consentBtn.hidden = !rec || !S.self;
+  if (rec) {
+    const mine = selfConsent();
+    consentBtn.dataset.consent = mine;
+    $("rec-consent-text").textContent = t(`consent_state_${mine}`);
+  }
+  const grants = (S.self && S.self.grants) || [];
+  const btn = $("btn-record");
+  btn.hidden = !grants.includes("record") || S.left || S.fatal;
+  btn.classList.toggle("recording", Boolean(rec));
+  const label = t(rec ? "recording_stop" : "recording_start");
+  btn.setAttribute("aria-label", label);
+  btn.title = label;
+  btn.querySelector(".ctl-label").textContent = label;
+  const busy = Boolean(S.recordingPending) || !S.joined;
+  btn.setAttribute("aria-disabled", String(busy));
+}
+
+function participantName(id) {
+  if (S.self && id === S.self.id) return S.self.name || id;
+  const p = S.participants.get(id);
+  return (p && p.name) || id;
+}
+
+function paragraphs(texts) {
+  return texts.filter(Boolean).map((text) => {
+    const p = document.createElement("p");
+    p.textContent = text;
+    return p;
+  });
+}
+
+function fillConsentText() {
+  const rec = S.recording;
+  if (!rec) return;
+  let by = "";
+  if (rec.startedBy === ADMIN_ACTOR) by = t("consent_started_by_system");
+  else if (rec.startedBy) by = t("consent_started_by", { name: participantName(rec.startedBy) });
+  $("consent-by").textContent = by;
+  $("consent-by").hidden = !by;
+  $("consent-mode").textContent = t(rec.consentRequired ? "consent_mode_required" : "consent_mode_default");
+  $("declined-text").replaceChildren(
+    ...paragraphs([
+      t(rec.consentRequired ? "consent_declined_required" : "consent_declined_default"),
+      rec.consentRequired && !rec.capturing ? t("consent_declined_blocks") : "",
+    ]),
+  );
+}
+
+function showConsentView(declined) {
+  const dialog = $("consent-dialog");
+  $("consent-ask").hidden = declined;
+  $("consent-declined").hidden = !declined;
+  dialog.setAttribute("aria-labelledby", declined ? "declined-title" : "consent-title");
+  dialog.setAttribute("aria-describedby", declined ? "declined-text" : "consent-text");
+  // the heading first: the question is read out, and no answer is preselected
+  $(declined ? "declined-title" : "consent-title").focus();
+}
+
+// Modal (native <dialog>: focus stays inside, Esc closes it and leaves the answer
+// pending; the header button opens it again).
+function openConsent() {
+  if (!S.recording || S.left || S.fatal) return;
+  const dialog = $("consent-dialog");
+  fillConsentText();
+  if (!dialog.open) {
+    if (typeof dialog.showModal === "function") dialog.showModal();
+    else dialog.setAttribute("open", "");
+  }
+  showConsentView(false);
+}
+
+function closeConsent() {
+  const dialog = $("consent-dialog");
+  if (!dialog.open) return;
+  if (typeof dialog.close === "function") dialog.close();
+  else dialog.removeAttribute("open");
+}
+
+function answerConsent(granted) {
+  const rec = S.recording;
+  if (!rec) {
+    closeConsent();
+    return;
+  }
+  S.answers.set(rec.id, granted);
+  send({ type: "consent", granted }); // socket down: sent after the rejoin (onRecording)
+  if (granted) {
+    closeConsent();
+  } else {
+    fillConsentText();
+    showConsentView(true);
+  }
 }
 
 // ---------------------------------------------------------------- local media and controls
@@ -885,7 +1186,7 @@ function stopLocalMedia() {
 function showEndedControls() {
   $("tiles").hidden = true;
   $("waiting").hidden = true;
-  for (const id of ["btn-camera", "btn-mic", "btn-leave", "btn-sound"]) $(id).hidden = true;
+  for (const id of ["btn-camera", "btn-mic", "btn-leave", "btn-sound", "btn-record"]) $(id).hidden = true;
   $("btn-rejoin").hidden = false;
 }
 
@@ -940,6 +1241,15 @@ function stateSnapshot() {
     subscribeState: S.subPc ? S.subPc.connectionState : "none",
     connection: overallState(),
     tracks: [...S.tracks.values()].map((tr) => ({ ...tr })),
+    quality: qualitySnapshot(),
+    recording: {
+      active: Boolean(S.recording),
+      id: S.recording ? S.recording.id : null,
+      capturing: S.recording ? S.recording.capturing : false,
+      consentRequired: S.recording ? S.recording.consentRequired : false,
+      consent: selfConsent(),
+      pending: S.recordingPending,
+    },
   };
 }
 
@@ -1008,6 +1318,15 @@ function start() {
   $("btn-leave").addEventListener("click", leave);
   $("btn-sound").addEventListener("click", enableSound);
   $("btn-rejoin").addEventListener("click", () => location.reload());
+  $("btn-record").addEventListener("click", toggleRecording);
+  $("rec-consent").addEventListener("click", () => openConsent());
+  $("btn-consent-yes").addEventListener("click", () => answerConsent(true));
+  $("btn-consent-no").addEventListener("click", () => answerConsent(false));
+  $("btn-declined-leave").addEventListener("click", () => {
+    closeConsent();
+    leave();
+  });
+  $("btn-declined-stay").addEventListener("click", () => closeConsent());
   window.addEventListener("pagehide", () => {
     if (S.joined) send({ type: "leave" });
   });

@@ -61,7 +61,7 @@ async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
 
 async def _sfu_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
-    sfu = Sfu(settings.ice_servers, MediaMode(settings.media_mode))
+    sfu = Sfu(settings.ice_servers, MediaMode(settings.media_mode), adaptive=settings.adaptation)
     app[SFU] = sfu
     yield
     await sfu.close()
@@ -79,7 +79,13 @@ async def _recordings_ctx(app: web.Application) -> AsyncIterator[None]:
 
 async def _rooms_ctx(app: web.Application) -> AsyncIterator[None]:
     node_id = f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}"
-    registry = RoomRegistry(app[STORE], app[SFU], node_id, app[RECORDINGS])
+    registry = RoomRegistry(
+        app[STORE],
+        app[SFU],
+        node_id,
+        app[RECORDINGS],
+        reconnect_grace_s=float(app[SETTINGS].reconnect_grace),
+    )
     app[ROOMS] = registry
     yield
     await registry.close()

@@ -30,6 +30,7 @@ from .store import AuditEvent, ParticipantRecord, RoomRecord, Store
 logger = logging.getLogger(__name__)
 
 SOURCES = ("camera", "microphone", "screen")
+RECONNECT_GRACE_S = 30.0  # a dropped participant keeps its place this long
 
 
 class Connection(Protocol):
@@ -47,6 +48,8 @@ class Participant:
     joined_at: float = field(default_factory=time.time)
     muted: dict[str, bool] = field(default_factory=lambda: dict.fromkeys(SOURCES, False))
     media: MediaParticipant | None = None
+    state: str = "active"  # "active" | "reconnecting" (link dropped, within the grace period)
+    grace: asyncio.TimerHandle | None = None
 
     @property
     def id(self) -> str:
@@ -62,6 +65,7 @@ class Participant:
             "role": c.role,
             "grants": sorted(str(g) for g in c.grants),
             "muted": dict(self.muted),
+            "state": self.state,
         }
 
 
@@ -90,14 +94,21 @@ class RoomRegistry:
     """All rooms of this node; joins and leaves go through here."""
 
     def __init__(
-        self, store: Store, sfu: Sfu, node_id: str, recordings: Recordings | None = None
+        self,
+        store: Store,
+        sfu: Sfu,
+        node_id: str,
+        recordings: Recordings | None = None,
+        reconnect_grace_s: float = RECONNECT_GRACE_S,
     ) -> None:
+        self.reconnect_grace_s = reconnect_grace_s
         self.store = store
         self.sfu = sfu
         self.node_id = node_id
         self.rooms: dict[str, Room] = {}
         self.recordings = recordings
         self._stopped_by: dict[str, str] = {}  # recording id -> who asked for the stop
+        self._expiries: set[asyncio.Task[None]] = set()
         if recordings is not None:
             recordings.stopped_listeners.append(self._recording_stopped)
 
@@ -114,10 +125,7 @@ class RoomRegistry:
         async with room.lock:
             old = room.participants.get(claims.sub)
             if old is not None:
-                await self._remove(room, old, "replaced")
-                await old.connection.kick(
-                    "replaced", "the same identity joined from another connection", 4409
-                )
+                return await self._resume(room, old, claims, connection, on_media_failed)
             participant = Participant(claims=claims, connection=connection)
             await self.store.create_room(
                 RoomRecord(id=room.id, title=room.id, created_at=time.time(), settings={})
@@ -153,13 +161,124 @@ class RoomRegistry:
         logger.info("%r: %s joined as %s", room, participant.id, claims.role)
         return participant
 
-    async def leave(self, participant: Participant, reason: str) -> None:
+    async def _resume(
+        self,
+        room: Room,
+        participant: Participant,
+        claims: Claims,
+        connection: Connection,
+        on_media_failed: Callable[[], None],
+    ) -> Participant:
+        """The same identity is back (after a link drop, or from a new tab): same place.
+
+        The old connection, if still open, is closed; the media starts anew (new peer
+        connections, tracks re-published); the others see ``participant_updated``
+        (state back to active), never left-and-joined.
+        """
+        if participant.grace is not None:
+            participant.grace.cancel()
+            participant.grace = None
+        old_connection = participant.connection
+        participant.connection = connection
+        participant.claims = claims
+        media, participant.media = participant.media, None
+        if media is not None:
+            await media.room.leave(participant.id)
+        if participant.state == "active" and old_connection is not connection:
+            await old_connection.kick(
+                "replaced", "the same identity joined from another connection", 4409
+            )
+        participant.state = "active"
+        await self.store.upsert_participant(self._record(room, participant))
+        others = [p for p in room.participants.values() if p is not participant]
+        await connection.send(
+            {
+                "type": "joined",
+                "v": PROTOCOL_VERSION,
+                "participant": participant.to_json(),
+                "room": {"id": room.id, "participants": [p.to_json() for p in others]},
+                "ice_servers": ice_servers_json(self.sfu.ice_urls),
+                "resumed": True,
+            }
+        )
+        recorder = self._recorder(room.id)
+        if recorder is not None:
+            recorder.participant_joined(participant_info(participant))
+            await connection.send({"type": "recording_started", **recorder.status()})
+        await room.broadcast(
+            {"type": "participant_updated", "participant": participant.to_json()},
+            exclude=participant.id,
+        )
+        participant.media = await self.sfu.room(room.id).join(
+            participant.id,
+            _SubscriberEvents(connection.send),
+            can_publish=claims.has(Grant.PUBLISH),
+            can_subscribe=claims.has(Grant.SUBSCRIBE),
+            on_failed=on_media_failed,
+        )
+        logger.info("%r: %s resumed", room, participant.id)
+        return participant
+
+    async def leave(
+        self, participant: Participant, reason: str, connection: Connection | None = None
+    ) -> None:
+        """``connection``: the one that ended; ignored if the participant has a newer one.
+
+        A connection that dropped (``disconnected``) keeps the participant's place for
+        ``reconnect_grace_s``: its media stops at once (its tracks disappear for the
+        others), the others see it ``reconnecting``, and only if it does not come back
+        in time does it leave.
+        """
         room = self.rooms.get(participant.claims.room)
         if room is None:
             return
         async with room.lock:
-            if room.participants.get(participant.id) is participant:
-                await self._remove(room, participant, reason)
+            if room.participants.get(participant.id) is not participant:
+                return
+            if connection is not None and participant.connection is not connection:
+                return  # an old connection of a participant that already came back
+            if reason == "disconnected" and self.reconnect_grace_s > 0:
+                if participant.state == "active":
+                    await self._suspend(room, participant)
+                return
+            await self._remove(room, participant, reason)
+        await self._release_if_empty(room)
+
+    async def _suspend(self, room: Room, participant: Participant) -> None:
+        participant.state = "reconnecting"
+        media, participant.media = participant.media, None
+        if media is not None:
+            await media.room.leave(participant.id)
+        await self.store.upsert_participant(self._record(room, participant))
+        await room.broadcast(
+            {"type": "participant_updated", "participant": participant.to_json()},
+            exclude=participant.id,
+        )
+        loop = asyncio.get_running_loop()
+        participant.grace = loop.call_later(
+            self.reconnect_grace_s,
+            lambda: self._spawn_expiry(room, participant),
+        )
+        logger.info(
+            "%r: %s reconnecting (grace %.0f s)", room, participant.id, self.reconnect_grace_s
+        )
+
+    def _spawn_expiry(self, room: Room, participant: Participant) -> None:
+        task = asyncio.ensure_future(self._expire(room, participant))
+        self._expiries.add(task)
+        task.add_done_callback(self._expiries.discard)
+
+    async def _expire(self, room: Room, participant: Participant) -> None:
+        async with room.lock:
+            if room.participants.get(participant.id) is not participant:
+                return
+            if participant.state != "reconnecting":
+                return
+            participant.grace = None
+            await self._remove(room, participant, "disconnected")
+        await self._release_if_empty(room)
+
+    async def _release_if_empty(self, room: Room) -> None:
         if not room.participants and self._recorder(room.id) is not None:
             with contextlib.suppress(KonsiliumError):
                 await self.stop_recording(room.id, by="server", reason="room_empty")
@@ -325,8 +444,12 @@ class RoomRegistry:
             await self.recordings.stop_all("shutdown")
         for room in list(self.rooms.values()):
             for participant in list(room.participants.values()):
+                if participant.grace is not None:
+                    participant.grace.cancel()
                 await participant.connection.kick("shutdown", "the server is shutting down", 1001)
-                await self.leave(participant, "disconnected")
+                await self.leave(participant, "shutdown")
+        for task in list(self._expiries):
+            task.cancel()
 
 
 def participant_info(participant: Participant) -> ParticipantInfo:

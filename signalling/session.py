@@ -100,7 +100,7 @@ class Session:
         finally:
             participant, self.participant = self.participant, None
             if participant is not None:
-                await self.registry.leave(participant, self._leave_reason)
+                await self.registry.leave(participant, self._leave_reason, self)
             if not self.ws.closed:
                 await self.ws.close()
 

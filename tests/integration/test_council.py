@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from pathlib import Path
 
 from media_server.bot import Bot
 from media_server.clip import Clip
@@ -103,7 +104,7 @@ async def test_leaver_disappears_for_the_others(server: KonsiliumServer, clip: C
         await b.stop()
 
 
-async def test_vanished_client_disappears_within_five_seconds(
+async def test_vanished_client_is_reconnecting_and_its_tracks_go_within_five_seconds(
     server: KonsiliumServer, clip: Clip
 ) -> None:
     a, gone = [await _start(server, clip, s) for s in ("a", "gone")]
@@ -111,11 +112,63 @@ async def test_vanished_client_disappears_within_five_seconds(
         assert await a.wait_until(lambda: a.stats.frames_from("gone") > 10, 10)
         t0 = time.monotonic()
         await gone.kill()
-        assert await a.wait_until(lambda: "gone" in a.left, 5), "vanished client still listed"
+        assert await a.wait_until(
+            lambda: a.others.get("gone", {}).get("state") == "reconnecting", 5
+        ), f"vanished client not shown as reconnecting: {a.others.get('gone')}"
+        assert await a.wait_until(
+            lambda: not any(t["participant_id"] == "gone" for t in a.mids.values()), 5
+        )
         assert time.monotonic() - t0 <= 5
-        assert not any(t["participant_id"] == "gone" for t in a.mids.values())
+        assert "gone" not in a.left  # its place is kept during the grace period
     finally:
         await a.stop()
+
+
+async def test_a_dropped_link_resumes_as_the_same_participant(
+    server: KonsiliumServer, clip: Clip
+) -> None:
+    a = await _start(server, clip, "a")
+    token = server.mint("field")
+    field = Bot(server.url, "room-1", token, clip=clip)
+    await field.start()
+    try:
+        assert await a.wait_until(lambda: a.stats.frames_from("field") > 10, 10)
+        await field.kill()  # the satellite link drops: no goodbye
+        assert await a.wait_until(
+            lambda: a.others.get("field", {}).get("state") == "reconnecting", 5
+        )
+        await asyncio.sleep(20)
+        back = Bot(server.url, "room-1", token, clip=clip)
+        await back.start()
+        try:
+            assert back.participant.get("id") == "field"
+            assert await a.wait_until(lambda: a.others.get("field", {}).get("state") == "active", 5)
+            before = a.stats.frames_from("field")
+            assert await a.wait_until(lambda: a.stats.frames_from("field") > before + 10, 5)
+            assert "field" not in a.left, "the others saw 'left' for a link drop"
+            assert back.stats.frames_from("a") > 0 or await back.wait_until(
+                lambda: back.stats.frames_from("a") > 0, 5
+            )
+        finally:
+            await back.stop()
+    finally:
+        await a.stop()
+
+
+async def test_a_participant_that_does_not_come_back_leaves_after_the_grace_period(
+    tmp_path: Path, clip: Clip
+) -> None:
+    with KonsiliumServer(tmp_path / "data", extra_args=("--reconnect-grace", "2")) as srv:
+        a = Bot(srv.url, "room-1", srv.mint("a"), clip=clip)
+        gone = Bot(srv.url, "room-1", srv.mint("gone"), clip=clip)
+        await a.start()
+        await gone.start()
+        try:
+            assert await a.wait_until(lambda: "gone" in a.others, 5)
+            await gone.kill()
+            assert await a.wait_until(lambda: a.left.get("gone") == "disconnected", 10)
+        finally:
+            await a.stop()
 
 
 async def test_transceiver_of_a_leaver_is_reused_without_renegotiation(

@@ -21,8 +21,15 @@ class MediaMode(StrEnum):
 
 
 class Sfu:
-    def __init__(self, ice_urls: Iterable[str] = (), mode: MediaMode = MediaMode.FORWARD) -> None:
+    def __init__(
+        self,
+        ice_urls: Iterable[str] = (),
+        mode: MediaMode = MediaMode.FORWARD,
+        *,
+        adaptive: bool = True,
+    ) -> None:
         self.mode = mode
+        self.adaptive = adaptive  # per-viewer adaptation in every room (off: originals only)
         self.ice_urls = tuple(ice_urls)
         self.config = rtc_configuration(self.ice_urls)
         self.rooms: dict[str, MediaRoom] = {}
@@ -36,7 +43,7 @@ class Sfu:
     def room(self, room_id: str) -> MediaRoom:
         room = self.rooms.get(room_id)
         if room is None:
-            room = self.rooms[room_id] = MediaRoom(room_id, self.config)
+            room = self.rooms[room_id] = MediaRoom(room_id, self.config, adaptive=self.adaptive)
             logger.info("media room %s opened", room_id)
         return room
 

@@ -27,6 +27,8 @@ SERVE_SETTINGS = (
     "admin_api_key",
     "token_ttl",
     "media_mode",
+    "adaptation",
+    "reconnect_grace",
     "ice_servers",
     "log_level",
     "dev",
@@ -91,7 +93,18 @@ def _add_serve(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "(a command line is visible to other local users)",
     )
     p.add_argument("--token-ttl", type=int, help="default token lifetime, seconds")
+    p.add_argument(
+        "--reconnect-grace",
+        type=int,
+        help="seconds a participant whose link dropped keeps its place (default 30, 0: none)",
+    )
     p.add_argument("--media-mode", help=f"one of {', '.join(MEDIA_MODES)} (default forward)")
+    p.add_argument(
+        "--adaptation",
+        type=_on_off,
+        metavar="on|off",
+        help="per-viewer bandwidth adaptation (default on; off: every viewer gets the originals)",
+    )
     p.add_argument(
         "--ice-server",
         dest="ice_servers",
@@ -170,6 +183,13 @@ def _token(args: argparse.Namespace) -> int:
         return 2
     print(token)
     return 0
+
+
+def _on_off(value: str) -> bool:
+    word = value.strip().lower()
+    if word not in ("on", "off"):
+        raise argparse.ArgumentTypeError("expected on or off")
+    return word == "on"
 
 
 def _room_arg(value: str) -> str:

@@ -39,6 +39,8 @@ class Settings:
     admin_api_key: str | None = field(default=None, repr=False)
     token_ttl: int = 14400
     media_mode: str = "forward"
+    adaptation: bool = True  # per-viewer bandwidth adaptation (off: original streams only)
+    reconnect_grace: int = 30  # seconds a dropped participant keeps its place (0: none)
     ice_servers: tuple[str, ...] = ()
     log_level: str = "INFO"
     dev: bool = False
@@ -222,6 +224,8 @@ _CONVERTERS: dict[str, Callable[[object, bool], object]] = {
     "admin_api_key": _to_opt_str,
     "token_ttl": _to_int,
     "media_mode": _to_str,
+    "adaptation": _to_bool,
+    "reconnect_grace": _to_int,
     "ice_servers": _to_str_tuple,
     "log_level": _to_upper,
     "dev": _to_bool,
@@ -280,6 +284,11 @@ def _check_ttl(value: object) -> None:
         raise ValueError(f"expected seconds between {low} and {high}, got {value!r}")
 
 
+def _check_grace(value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 600:
+        raise ValueError(f"expected seconds between 0 and 600, got {value!r}")
+
+
 def _check_choice(choices: tuple[str, ...]) -> Callable[[object], None]:
     def check(value: object) -> None:
         if value not in choices:
@@ -311,6 +320,8 @@ _CHECKS: dict[str, Callable[[object], None]] = {
     "admin_api_key": _check_secret,
     "token_ttl": _check_ttl,
     "media_mode": _check_choice(MEDIA_MODES),
+    "adaptation": _check_bool,
+    "reconnect_grace": _check_grace,
     "ice_servers": _check_ice_servers,
     "log_level": _check_choice(LOG_LEVELS),
     "dev": _check_bool,

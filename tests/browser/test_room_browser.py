@@ -525,3 +525,23 @@ async def test_recording_start_consent_and_stop(
         if page is not None:
             await page.context.close()
         await bot.stop()
+
+
+async def test_a_dropped_participant_shows_as_reconnecting_not_gone(
+    server: KonsiliumServer, clip: Clip, open_page: OpenPage
+) -> None:
+    bot = await start_bot(server, clip)
+    try:
+        page, log = await open_page(room_url(server, browser_token(server)), locale="ru-RU")
+        await wait_joined(page, log, server)
+        ok, _ = await until(lambda: tile(page, bot.id).count(), lambda n: n == 1, 5)
+        assert ok, f"no tile for the bot{why(log, server)}"
+        await bot.kill()  # the link drops without a goodbye
+        selector = f'[data-participant="{bot.id}"].reconnecting'
+        ok, _ = await until(lambda: page.locator(selector).count(), lambda n: n == 1, 6)
+        assert ok, f"the tile was not shown as reconnecting{why(log, server)}"
+        note = await page.get_attribute(f'[data-participant="{bot.id}"] .media', "data-note")
+        assert note == "Переподключение…"
+        assert await tile(page, bot.id).count() == 1  # still in the council
+    finally:
+        await bot.stop()

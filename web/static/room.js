@@ -796,6 +796,10 @@ function upsertParticipant(p) {
     $("tiles").append(root);
   }
   fillCaption(tile.root, p, false);
+  // a participant whose link dropped keeps its tile, dimmed, until it is back or gone
+  const reconnecting = p.state === "reconnecting";
+  tile.root.classList.toggle("reconnecting", reconnecting);
+  tile.media.dataset.note = reconnecting ? t("state_reconnecting") : "";
   syncMedia();
   renderState();
 }

@@ -54,6 +54,7 @@ class RoomResult:
     join_to_first_frame: list[float]
     keyframe_requests: int = 0  # PLIs the server sent to publishers during the window
     overflows: int = 0  # DownTrack queue overflows during the window
+    server_cpu_median: float = 0.0  # median of the window's one-second samples
 
     @property
     def streams(self) -> int:
@@ -65,7 +66,8 @@ class RoomResult:
 
     @property
     def cpu_per_stream(self) -> float:
-        return self.server_cpu / self.streams if self.streams else 0.0
+        """Median one-second server CPU / forwarded streams."""
+        return self.server_cpu_median / self.streams if self.streams else 0.0
 
     def row(self) -> dict[str, object]:
         jf = self.join_to_first_frame
@@ -75,6 +77,7 @@ class RoomResult:
             "streams": self.streams,
             "delivered": round(self.delivered_ratio * 100, 2),
             "server_cpu": round(self.server_cpu, 1),
+            "server_cpu_median": round(self.server_cpu_median, 1),
             "cpu_per_stream": round(self.cpu_per_stream, 3),
             "bots_cpu": round(self.bots_cpu, 1),
             "jff_p50": round(median(jf), 3) if jf else None,
@@ -126,7 +129,12 @@ async def run_room(
             for cpu in bot_cpus:
                 cpu.start()
             t0 = time.monotonic()
-            await asyncio.sleep(seconds)
+            per_second: list[float] = []
+            while time.monotonic() - t0 < seconds:
+                second = ProcessCpu(srv.pid)
+                second.start()
+                await asyncio.sleep(min(1.0, max(0.05, seconds - (time.monotonic() - t0))))
+                per_second.append(second.stop())
             snap1 = await pool.snapshot()
             elapsed = time.monotonic() - t0
             server_pct = server_cpu.stop()
@@ -160,6 +168,7 @@ async def run_room(
                 jff,
                 keyframe_requests=media1[0] - media0[0],
                 overflows=media1[1] - media0[1],
+                server_cpu_median=median(per_second) if per_second else server_pct,
             )
         finally:
             await pool.stop()
@@ -195,6 +204,7 @@ def print_table(results: list[RoomResult]) -> None:
         "streams",
         "delivered",
         "server_cpu",
+        "server_cpu_median",
         "cpu_per_stream",
         "bots_cpu",
         "jff_p50",
@@ -207,8 +217,9 @@ def print_table(results: list[RoomResult]) -> None:
         "N",
         "streams",
         "delivered %",
-        "server CPU %",
-        "CPU %/stream",
+        "server CPU % (mean)",
+        "median of 1 s",
+        "CPU %/stream (median)",
         "bots CPU %",
         "join→frame p50 s",
         "p95 s",

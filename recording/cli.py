@@ -1,4 +1,4 @@
-"""``konsilium recordings list | verify ID | export ID --fhir``.
+"""``konsilium recordings list | verify ID | export ID --fhir | purge-expired``.
 
 Works on the data directory of a server (running or not), like ``konsilium
 token``.  ``verify`` exits 0 when the recording is intact, 1 when incomplete
@@ -38,6 +38,7 @@ from recording.manifest import (
     read_entries,
 )
 from recording.registry import UnknownRecording, list_recordings, recording_dir
+from recording.retention import SweepReport, sweep
 from recording.verify import VerifyReport, verify_recording
 
 if TYPE_CHECKING:
@@ -112,6 +113,18 @@ def add_recordings_parser(
     )
     add_common(ex)
     ex.set_defaults(handler=_export)
+
+    pg = sub.add_parser(
+        "purge-expired",
+        help="delete the sealed recordings older than the retention period",
+        description="Delete (or with --dry-run, list) the sealed and stopped recordings "
+        "older than retention_days (a room's own retention_days, read from the shared "
+        "Store when redis_url is set, overrides it; 0 keeps forever).  Recordings that "
+        "were never sealed are reported, never deleted.",
+    )
+    pg.add_argument("--dry-run", action="store_true", help="list what would be deleted")
+    add_common(pg)
+    pg.set_defaults(handler=_purge_expired)
 
 
 # ---------------------------------------------------------------- handlers
@@ -219,6 +232,60 @@ def fhir_export(
     return recording_bundle(meta, url=url, export_path=path, content_type=content_type)
 
 
+def _purge_expired(args: argparse.Namespace) -> int:
+    def body(settings: Settings) -> int:
+        report = asyncio.run(_purge(settings, dry_run=args.dry_run))
+        verb = "would delete" if args.dry_run else "deleted"
+        for d in report.deleted:
+            print(f"{verb} {d.id} (stopped {d.stopped_at}, retention {d.retention_days} days)")
+        for d in report.failed:
+            print(f"could not delete {d.id}", file=sys.stderr)
+        for recording_id in report.incomplete:
+            print(f"kept {recording_id}: not sealed and stopped (incomplete), check it")
+        print(
+            f"{len(report.deleted)} {verb}, {len(report.kept)} kept, "
+            f"{len(report.incomplete)} incomplete, {len(report.failed)} failed"
+        )
+        _audit(settings, "recording_purge", "*", "dry_run" if args.dry_run else "ok")
+        return 1 if report.failed else 0
+
+    return _run(args, body)
+
+
+async def _purge(settings: Settings, *, dry_run: bool) -> SweepReport:
+    """One retention sweep; audit to the shared Store (Redis) or the CLI audit file."""
+    actor = _actor()
+    if settings.redis_url:
+        from signalling.store_factory import open_store
+
+        store = await open_store(settings.redis_url)
+        try:
+            return await sweep(
+                settings.data_dir,
+                store,
+                retention_days=settings.retention_days,
+                dry_run=dry_run,
+                actor=actor,
+            )
+        finally:
+            await store.close()
+
+    async def to_file(event: AuditEvent) -> None:
+        try:
+            _append_audit_file(settings.data_dir, event)
+        except OSError as exc:
+            print(f"konsilium recordings: warning: audit log not written: {exc}", file=sys.stderr)
+
+    return await sweep(
+        settings.data_dir,
+        None,
+        retention_days=settings.retention_days,
+        dry_run=dry_run,
+        actor=actor,
+        audit=to_file,
+    )
+
+
 # ---------------------------------------------------------------- helpers
 
 
@@ -246,13 +313,9 @@ def _audit(settings: Settings, action: str, target: str, outcome: str) -> None:
     """Append to the Store's audit log (Redis) or the data dir's CLI audit file."""
     from signalling.store import AuditEvent
 
-    try:
-        user = getpass.getuser()
-    except (KeyError, OSError):
-        user = str(os.getuid())
     event = AuditEvent(
         at=time.time(),
-        actor=f"cli:{user}",
+        actor=_actor(),
         action=action,
         target=target,
         outcome=outcome,
@@ -262,16 +325,29 @@ def _audit(settings: Settings, action: str, target: str, outcome: str) -> None:
         if settings.redis_url:
             asyncio.run(_audit_store(settings.redis_url, event))
             return
-        path = Path(settings.data_dir) / CLI_AUDIT_FILE
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        line = json.dumps(asdict(event), ensure_ascii=False) + "\n"
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-        try:
-            os.write(fd, line.encode("utf-8"))
-        finally:
-            os.close(fd)
+        _append_audit_file(settings.data_dir, event)
     except Exception as exc:
         print(f"konsilium recordings: warning: audit log not written: {exc}", file=sys.stderr)
+
+
+def _actor() -> str:
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = str(os.getuid())
+    return f"cli:{user}"
+
+
+def _append_audit_file(data_dir: Path, event: AuditEvent) -> None:
+    """Append one event to ``<data_dir>/audit/cli.jsonl`` (raises OSError)."""
+    path = Path(data_dir) / CLI_AUDIT_FILE
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    line = json.dumps(asdict(event), ensure_ascii=False) + "\n"
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    try:
+        os.write(fd, line.encode("utf-8"))
+    finally:
+        os.close(fd)
 
 
 async def _audit_store(redis_url: str, event: AuditEvent) -> None:

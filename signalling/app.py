@@ -13,8 +13,10 @@ from aiohttp import web
 
 from media_server.sfu import MediaMode, Sfu
 from recording.registry import Recordings
+from recording.render_jobs import RenderJobs
+from recording.retention import RetentionSweeper
 
-from .appkeys import RECORDINGS, ROOMS, SETTINGS, SFU, STORE, TOKENS
+from .appkeys import RECORDINGS, RENDER_JOBS, ROOMS, SETTINGS, SFU, STORE, TOKENS
 from .auth import TokenAuthority
 from .errors import KonsiliumError, error_response, json_error
 from .rest_recordings import add_recording_routes
@@ -77,6 +79,27 @@ async def _recordings_ctx(app: web.Application) -> AsyncIterator[None]:
         await asyncio.get_running_loop().run_in_executor(None, executor.shutdown, True)
 
 
+async def _render_jobs_ctx(app: web.Application) -> AsyncIterator[None]:
+    jobs = RenderJobs()
+    app[RENDER_JOBS] = jobs
+    yield
+    await jobs.close()  # cancels running renders, waits for the worker
+
+
+async def _retention_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Delete expired recordings at start and then every hour (see recording.retention)."""
+    settings = app[SETTINGS]
+    sweeper = RetentionSweeper(
+        settings.data_dir,
+        app[STORE],
+        retention_days=settings.retention_days,
+        is_active=app[RECORDINGS].is_active,
+    )
+    sweeper.start()
+    yield
+    await sweeper.stop()
+
+
 async def _rooms_ctx(app: web.Application) -> AsyncIterator[None]:
     node_id = f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}"
     registry = RoomRegistry(
@@ -99,7 +122,17 @@ async def healthz(request: web.Request) -> web.Response:
 def create_app(settings: Settings) -> web.Application:
     app = web.Application(client_max_size=MAX_REQUEST_BYTES, middlewares=[json_errors])
     app[SETTINGS] = settings
-    app.cleanup_ctx.extend([_tokens_ctx, _store_ctx, _sfu_ctx, _recordings_ctx, _rooms_ctx])
+    app.cleanup_ctx.extend(
+        [
+            _tokens_ctx,
+            _store_ctx,
+            _sfu_ctx,
+            _recordings_ctx,
+            _render_jobs_ctx,
+            _retention_ctx,
+            _rooms_ctx,
+        ]
+    )
     app.router.add_get("/ws", websocket_handler)
     app.router.add_get("/healthz", healthz)
     add_token_routes(app)

@@ -23,3 +23,8 @@ ROOMS: web.AppKey[RoomRegistry] = web.AppKey("rooms", RoomRegistry)
 from recording.registry import Recordings  # noqa: E402
 
 RECORDINGS: web.AppKey[Recordings] = web.AppKey("recordings", Recordings)
+
+# composite renders (background jobs)
+from recording.render_jobs import RenderJobs  # noqa: E402
+
+RENDER_JOBS: web.AppKey[RenderJobs] = web.AppKey("render_jobs", RenderJobs)

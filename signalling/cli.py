@@ -29,6 +29,7 @@ SERVE_SETTINGS = (
     "media_mode",
     "adaptation",
     "reconnect_grace",
+    "retention_days",
     "ice_servers",
     "log_level",
     "dev",
@@ -97,6 +98,12 @@ def _add_serve(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "--reconnect-grace",
         type=int,
         help="seconds a participant whose link dropped keeps its place (default 30, 0: none)",
+    )
+    p.add_argument(
+        "--retention-days",
+        type=int,
+        help="days a finished recording is kept before it is deleted "
+        "(default 0: forever; a room's retention_days setting overrides it)",
     )
     p.add_argument("--media-mode", help=f"one of {', '.join(MEDIA_MODES)} (default forward)")
     p.add_argument(

@@ -14,8 +14,9 @@ from typing import Any, TypeVar
 from aiohttp import web
 
 from recording.registry import UnknownRecording
+from recording.render_jobs import RenderBusy
 
-from .appkeys import RECORDINGS, ROOMS
+from .appkeys import RECORDINGS, RENDER_JOBS, ROOMS
 from .errors import BadRequest, KonsiliumError, NotFound
 from .protocol import CONSULTATION_ID_RE, PATIENT_REF_RE, ROOM_ID_RE
 from .rest_rooms import require_admin
@@ -150,6 +151,92 @@ async def _known(
         raise NotFound("no such recording") from None
 
 
+RENDER_DEFAULTS = {"width": 1280, "height": 720, "fps": 15}
+CANCEL_WAIT_S = 5.0
+
+
+def _render_options(raw: bytes) -> dict[str, int]:
+    """The optional JSON body of a render: width, height (even, 64..7680), fps (1..60)."""
+    out = dict(RENDER_DEFAULTS)
+    if not raw.strip():
+        return out
+    try:
+        body = json.loads(raw)
+    except ValueError:
+        raise BadRequest("the body is not JSON") from None
+    if not isinstance(body, dict):
+        raise BadRequest("the body must be a JSON object")
+    unknown = set(body) - set(RENDER_DEFAULTS)
+    if unknown:
+        raise BadRequest(f"unknown field {sorted(unknown)[0]!r}")
+    for name, value in body.items():
+        if value is None:
+            continue
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise BadRequest(f"'{name}' must be an integer")
+        out[name] = value
+    if any(not 64 <= out[n] <= 7680 or out[n] % 2 for n in ("width", "height")):
+        raise BadRequest("'width' and 'height' must be even, 64 to 7680")
+    if not 1 <= out["fps"] <= 60:
+        raise BadRequest("'fps' must be 1 to 60")
+    return out
+
+
+async def start_render(request: web.Request) -> web.Response:
+    """Start a composite render of a recording in the background: 202, or 409 if one runs."""
+    recording_id = request.match_info["id"]
+    await _admin(request, "render_start", recording_id)
+    rooms, recordings = request.app[ROOMS], request.app[RECORDINGS]
+    directory = await _known(request, "render_start", recordings.directory, recording_id)
+    raw = b""
+    if request.can_read_body:
+        raw = await request.content.read(MAX_BODY_BYTES + 1)
+    try:
+        if len(raw) > MAX_BODY_BYTES:
+            raise BadRequest(f"the body is larger than {MAX_BODY_BYTES} bytes")
+        options = _render_options(raw)
+        if recordings.is_active(recording_id):
+            raise KonsiliumError("the recording is still running", code="conflict", status=409)
+        try:
+            job = request.app[RENDER_JOBS].start(recording_id, directory, **options)
+        except RenderBusy as exc:
+            raise KonsiliumError(str(exc), code="render_running", status=409) from None
+    except KonsiliumError as exc:
+        await rooms.audit(ADMIN_ACTOR, "render_start", recording_id, exc.code)
+        raise
+    await rooms.audit(ADMIN_ACTOR, "render_start", recording_id, "ok", job_id=job.job_id, **options)
+    return web.json_response(job.to_json(), status=202)
+
+
+async def render_status(request: web.Request) -> web.Response:
+    recording_id = request.match_info["id"]
+    await _admin(request, "render_status", recording_id)
+    job = request.app[RENDER_JOBS].get(recording_id)
+    if job is None:
+        await request.app[ROOMS].audit(ADMIN_ACTOR, "render_status", recording_id, "not_found")
+        raise NotFound("no render of this recording")
+    await request.app[ROOMS].audit(
+        ADMIN_ACTOR, "render_status", recording_id, "ok", job_id=job.job_id, status=job.status
+    )
+    return web.json_response(job.to_json())
+
+
+async def cancel_render(request: web.Request) -> web.Response:
+    """Cancel the running render (waits a few seconds for it to stop); its latest status."""
+    recording_id = request.match_info["id"]
+    await _admin(request, "render_cancel", recording_id)
+    jobs = request.app[RENDER_JOBS]
+    job = jobs.cancel(recording_id)
+    if job is None:
+        await request.app[ROOMS].audit(ADMIN_ACTOR, "render_cancel", recording_id, "not_found")
+        raise NotFound("no render of this recording")
+    await jobs.wait(job, CANCEL_WAIT_S)
+    await request.app[ROOMS].audit(
+        ADMIN_ACTOR, "render_cancel", recording_id, "ok", job_id=job.job_id, status=job.status
+    )
+    return web.json_response(job.to_json())
+
+
 async def public_key(request: web.Request) -> web.Response:
     """The key that seals manifests (PEM), for ``verify`` anywhere; public by design."""
     keys = request.app[RECORDINGS].keys
@@ -167,3 +254,6 @@ def add_recording_routes(app: web.Application) -> None:
     app.router.add_get("/api/recordings/public-key", public_key)
     app.router.add_get("/api/recordings/{id}", get_recording)
     app.router.add_get("/api/recordings/{id}/verify", verify_recording)
+    app.router.add_post("/api/recordings/{id}/render", start_render)
+    app.router.add_get("/api/recordings/{id}/render", render_status)
+    app.router.add_delete("/api/recordings/{id}/render", cancel_render)

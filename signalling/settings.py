@@ -41,6 +41,7 @@ class Settings:
     media_mode: str = "forward"
     adaptation: bool = True  # per-viewer bandwidth adaptation (off: original streams only)
     reconnect_grace: int = 30  # seconds a dropped participant keeps its place (0: none)
+    retention_days: int = 0  # days a finished recording is kept (0: forever); rooms may override
     ice_servers: tuple[str, ...] = ()
     log_level: str = "INFO"
     dev: bool = False
@@ -226,6 +227,7 @@ _CONVERTERS: dict[str, Callable[[object, bool], object]] = {
     "media_mode": _to_str,
     "adaptation": _to_bool,
     "reconnect_grace": _to_int,
+    "retention_days": _to_int,
     "ice_servers": _to_str_tuple,
     "log_level": _to_upper,
     "dev": _to_bool,
@@ -289,6 +291,11 @@ def _check_grace(value: object) -> None:
         raise ValueError(f"expected seconds between 0 and 600, got {value!r}")
 
 
+def _check_retention(value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 36500:
+        raise ValueError(f"expected days between 0 (keep forever) and 36500, got {value!r}")
+
+
 def _check_choice(choices: tuple[str, ...]) -> Callable[[object], None]:
     def check(value: object) -> None:
         if value not in choices:
@@ -322,6 +329,7 @@ _CHECKS: dict[str, Callable[[object], None]] = {
     "media_mode": _check_choice(MEDIA_MODES),
     "adaptation": _check_bool,
     "reconnect_grace": _check_grace,
+    "retention_days": _check_retention,
     "ice_servers": _check_ice_servers,
     "log_level": _check_choice(LOG_LEVELS),
     "dev": _check_bool,

@@ -12,6 +12,11 @@ from media_server.clip import Clip
 from media_server.linkemu import LinkEmulator, get_profile
 from tests.services import KonsiliumServer
 
+# A loss cut on satellite can pause every video for ~8 s before the slow rise
+# affords the lowest rung again (audio takes 3 x 56 kbit/s of a 300 kbit/s link):
+# the window is long enough to see the lower rung the viewer keeps coming back to.
+WINDOW_S = 15
+
 
 async def _media(server: KonsiliumServer) -> dict[str, Any]:
     headers = {"Authorization": "Bearer test-admin-key"}
@@ -25,8 +30,11 @@ async def _media(server: KonsiliumServer) -> dict[str, Any]:
 async def test_satellite_viewer_gets_lower_rungs_and_audio_while_others_keep_originals(
     server: KonsiliumServer, clip: Clip
 ) -> None:
+    # the good viewers count frames from RTP headers (light): cheaper, so the machine's
+    # load does not turn into loss that the server would rightly adapt to
     publishers = [
-        Bot(server.url, "room-1", server.mint(s), clip=clip) for s in ("pub-a", "pub-b", "pub-c")
+        Bot(server.url, "room-1", server.mint(s), clip=clip, light=True)
+        for s in ("pub-a", "pub-b", "pub-c")
     ]
     link = LinkEmulator(get_profile("satellite"), seed=7)
     weak = Bot(server.url, "room-1", server.mint("weak"), clip=clip, publish=False, link=link)
@@ -78,11 +86,13 @@ async def test_satellite_viewer_gets_lower_rungs_and_audio_while_others_keep_ori
         video0 = {p.id: weak.stats.frames_from(p.id, "video") for p in publishers}
         good0 = publishers[0].stats.frames_from("pub-b")
         sent0 = publishers[1].sent("video")
-        await asyncio.sleep(8)
+        await asyncio.sleep(WINDOW_S)
         for p in publishers:
             audio = weak.stats.frames_from(p.id, "audio") - audio0[p.id]
             # "keeps receiving audio": not interrupted (loss is measured by the benchmark)
-            assert audio >= 0.8 * 8 * 50, f"audio from {p.id} interrupted: {audio} packets in 8 s"
+            assert audio >= 0.8 * WINDOW_S * 50, (
+                f"audio from {p.id} interrupted: {audio} packets in {WINDOW_S} s"
+            )
         videos = {p.id: weak.stats.frames_from(p.id, "video") - video0[p.id] for p in publishers}
         assert any(v > 0 for v in videos.values()), (
             f"no video at all on satellite: {videos}; link {link.stats()}"

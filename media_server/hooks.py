@@ -26,6 +26,8 @@ subscriber sends to one of our senders.  The seams used here:
   benchmark's light viewers (see :func:`count_rtp_headers`).
 * ``aiortc.clock.current_ntp_time`` / ``current_ms`` — replaced by faster
   equivalents (see :func:`install_fast_clock`).
+* ``aioice.ice.StunProtocol.request`` — consent checks (its only requests with
+  ``retransmissions=0``) get retransmissions (see :func:`patient_consent_checks`).
 * ``aioice.ice.StunProtocol.connection_made`` — where each ICE socket appears;
   wrapped to enlarge the kernel buffers (see :func:`enlarge_udp_buffers`).
 
@@ -338,12 +340,47 @@ def install_fast_clock() -> None:
     aiortc_clock.current_ms = _fast_ms
 
 
+CONSENT_RETRANSMISSIONS = 2
+_ORIGINAL_STUN_REQUEST = "_konsilium_original_request"
+_STUN_REQUEST = "request"
+
+
+def patient_consent_checks(retransmissions: int = CONSENT_RETRANSMISSIONS) -> None:
+    """Let ICE consent checks survive a satellite link.
+
+    aioice checks consent (RFC 7675) every ~5 s with one STUN request, no
+    retransmission and a 0.5 s timeout, and closes the connection after six
+    failures in a row: on a 600 ms RTT link (or a queue adding ~350 ms) every
+    check fails and the call dies after ~30 s.  Its only zero-retransmission
+    requests are the consent checks; they get ``retransmissions`` more tries
+    (0.5 + 1 + 2 s, still inside the 5 s interval).  Idempotent.
+    """
+    if getattr(StunProtocol, _ORIGINAL_STUN_REQUEST, None) is not None:
+        return
+    original = StunProtocol.request
+
+    async def request(
+        self: StunProtocol,
+        message: Any,
+        addr: Any,
+        integrity_key: bytes | None = None,
+        retransmissions: int | None = None,
+    ) -> Any:
+        if retransmissions == 0:
+            retransmissions = CONSENT_RETRANSMISSIONS
+        return await original(self, message, addr, integrity_key, retransmissions)
+
+    setattr(StunProtocol, _ORIGINAL_STUN_REQUEST, original)
+    setattr(StunProtocol, _STUN_REQUEST, request)
+
+
 def prepare_process() -> None:
     """Everything a process that forwards packets with aiortc needs, once."""
     check_hooks()
     install_passthrough()
     enlarge_udp_buffers()
     install_fast_clock()
+    patient_consent_checks()
 
 
 class _HeaderOnlySrtp:
@@ -521,6 +558,11 @@ def check_hooks() -> None:
     for name in ("current_ntp_time", "current_ms"):
         if not callable(getattr(aiortc_clock, name, None)):
             raise HookError(f"aiortc.clock.{name} is gone: the fast clock cannot replace it")
+    from aioice.ice import Connection as IceConnection
+
+    consent = IceConnection.query_consent.__code__
+    if "request" not in consent.co_names or 0 not in consent.co_consts:
+        raise HookError("aioice query_consent no longer sends zero-retransmission requests")
     if not callable(getattr(StunProtocol, "connection_made", None)):
         raise HookError("aioice StunProtocol.connection_made is gone: buffers cannot be sized")
     if _SENDER_RTT_ATTR not in RTCRtpSender._handle_rtcp_packet.__code__.co_names:

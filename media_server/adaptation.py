@@ -52,6 +52,9 @@ MIN_ORIGINAL_BPS = 150_000  # before the original's rate is measured
 RELEASE_DELAY_S = 2.0  # keep the previous rung running until the switch has happened
 REMB_CONGESTION_FRACTION = 0.7  # a REMB below this share of the delivered rate means a queue
 REMB_FRESH_S = 3.0  # per-stream REMBs older than this no longer count
+# libwebrtc's receiver reports its start value (~300 kbit/s) until it has
+# measured for 5 s; aiortc's sends nothing for ~3 s
+REMB_WARMUP_S = 6.0
 RETRANSMIT_SHARE = 0.15  # of the estimate, for resending lost packets
 RETRANSMIT_PACKET_BYTES = 1000
 # Start at the ceiling: a viewer is moved off the original only on evidence.
@@ -173,6 +176,7 @@ class SubscriberAdaptation:
         self._stream_remb: dict[int, tuple[int, float]] = {}
         self._active_video: set[int] = set()  # video DownTracks that delivered last tick
         self._audio_tracks = 0
+        self._delivering_since: float | None = None
         self._rtx_tokens = 0.0
         self._rtx_refilled = time.monotonic()
         self.retransmissions_refused = 0
@@ -264,6 +268,8 @@ class SubscriberAdaptation:
         at or above the estimate only raises the cap.
         """
         now = time.monotonic() if now is None else now
+        if self._delivering_since is None or now - self._delivering_since < REMB_WARMUP_S:
+            return  # a receiver's first REMBs are its start value, not a measurement
         delivered = self.estimator.delivered_bps(now)
         congested = delivered is not None and bps < REMB_CONGESTION_FRACTION * delivered
         if congested or bps >= self.estimator.estimate_bps(now):
@@ -284,6 +290,8 @@ class SubscriberAdaptation:
             if step > 0 and slot.kind == "video":
                 active.add(key)
         self._active_video = active
+        if delivered > 0 and self._delivering_since is None:
+            self._delivering_since = now
         self.estimator.on_delivered(delivered, now)
         estimate = self.estimator.estimate_bps(now)
         if estimate < self._last_estimate * 0.9:

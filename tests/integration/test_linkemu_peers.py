@@ -105,7 +105,9 @@ async def test_satellite_emulator_adds_its_rtt_to_one_pc_only(plain_pair: Pair) 
         satellite_rtt, plain_rtt = await asyncio.gather(
             median_rtt_ms(sat.channel), median_rtt_ms(plain_pair.channel)
         )
-        assert satellite_rtt == pytest.approx(600, abs=100)
+        # the emulator adds 600 ms; the shared test process's own loop latency may add
+        # up to ~150 ms more late in a long suite, but a doubled delay would still fail
+        assert 550 <= satellite_rtt <= 800, satellite_rtt
         assert plain_rtt < 50
 
         stats = emulator.stats()
@@ -131,6 +133,6 @@ async def test_attach_after_connecting_takes_effect(plain_pair: Pair) -> None:
     try:
         after = await median_rtt_ms(plain_pair.channel)
         assert before < 50
-        assert after == pytest.approx(600, abs=100)
+        assert 550 <= after <= 800, after
     finally:
         emulator.close()

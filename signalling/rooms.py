@@ -131,33 +131,8 @@ class RoomRegistry:
                 RoomRecord(id=room.id, title=room.id, created_at=time.time(), settings={})
             )
             await self.store.upsert_participant(self._record(room, participant))
-            others = list(room.participants.values())
             room.participants[participant.id] = participant
-            await connection.send(
-                {
-                    "type": "joined",
-                    "v": PROTOCOL_VERSION,
-                    "participant": participant.to_json(),
-                    "room": {"id": room.id, "participants": [p.to_json() for p in others]},
-                    "ice_servers": ice_servers_json(self.sfu.ice_urls),
-                }
-            )
-            recorder = self._recorder(room.id)
-            if recorder is not None:
-                recorder.participant_joined(participant_info(participant))
-                await connection.send({"type": "recording_started", **recorder.status()})
-            await room.broadcast(
-                {"type": "participant_joined", "participant": participant.to_json()},
-                exclude=participant.id,
-            )
-            media_room = self.sfu.room(room.id)
-            participant.media = await media_room.join(
-                participant.id,
-                _SubscriberEvents(connection.send),
-                can_publish=claims.has(Grant.PUBLISH),
-                can_subscribe=claims.has(Grant.SUBSCRIBE),
-                on_failed=on_media_failed,
-            )
+            await self._admit(room, participant, on_media_failed, resumed=False)
         logger.info("%r: %s joined as %s", room, participant.id, claims.role)
         return participant
 
@@ -190,25 +165,43 @@ class RoomRegistry:
             )
         participant.state = "active"
         await self.store.upsert_participant(self._record(room, participant))
+        await self._admit(room, participant, on_media_failed, resumed=True)
+        logger.info("%r: %s resumed", room, participant.id)
+        return participant
+
+    async def _admit(
+        self,
+        room: Room,
+        participant: Participant,
+        on_media_failed: Callable[[], None],
+        *,
+        resumed: bool,
+    ) -> None:
+        """Tell the participant it is in, tell the others, and start its media."""
+        connection = participant.connection
         others = [p for p in room.participants.values() if p is not participant]
-        await connection.send(
-            {
-                "type": "joined",
-                "v": PROTOCOL_VERSION,
-                "participant": participant.to_json(),
-                "room": {"id": room.id, "participants": [p.to_json() for p in others]},
-                "ice_servers": ice_servers_json(self.sfu.ice_urls),
-                "resumed": True,
-            }
-        )
+        joined: dict[str, Any] = {
+            "type": "joined",
+            "v": PROTOCOL_VERSION,
+            "participant": participant.to_json(),
+            "room": {"id": room.id, "participants": [p.to_json() for p in others]},
+            "ice_servers": ice_servers_json(self.sfu.ice_urls),
+        }
+        if resumed:
+            joined["resumed"] = True
+        await connection.send(joined)
         recorder = self._recorder(room.id)
         if recorder is not None:
             recorder.participant_joined(participant_info(participant))
             await connection.send({"type": "recording_started", **recorder.status()})
         await room.broadcast(
-            {"type": "participant_updated", "participant": participant.to_json()},
+            {
+                "type": "participant_updated" if resumed else "participant_joined",
+                "participant": participant.to_json(),
+            },
             exclude=participant.id,
         )
+        claims = participant.claims
         participant.media = await self.sfu.room(room.id).join(
             participant.id,
             _SubscriberEvents(connection.send),
@@ -216,8 +209,6 @@ class RoomRegistry:
             can_subscribe=claims.has(Grant.SUBSCRIBE),
             on_failed=on_media_failed,
         )
-        logger.info("%r: %s resumed", room, participant.id)
-        return participant
 
     async def leave(
         self, participant: Participant, reason: str, connection: Connection | None = None

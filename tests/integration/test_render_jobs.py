@@ -8,108 +8,26 @@ dir; the render is started, polled to the end, and the output decoded back.
 from __future__ import annotations
 
 import asyncio
-import math
 import re
 import time
-from collections.abc import Iterable, Iterator
-from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import av
 import pytest
-from av import AudioFrame, VideoFrame
 
-from media_server.packet import AUDIO_TIME_BASE, VIDEO_TIME_BASE, MediaPacket
 from recording.manifest import Manifest
-from recording.segments import Kind, SegmentInfo, TrackWriter
+from tests.media import solid_vp8, tone_opus, write_track
 from tests.services import KonsiliumServer
 
 ADMIN = {"Authorization": "Bearer test-admin-key"}
 RECORDING_ID = "rec-render-1"
-FPS_IN = 15
 SECONDS = 3.0
-SESSION_START = 1000.0
 PEOPLE = [
     ("anna", "Anna Ivanova", (220, 40, 40), 400),
     ("boris", "Борис Петров", (40, 200, 40), 600),
 ]
-
-
-def _video_packets(rgb: tuple[int, int, int]) -> Iterator[MediaPacket]:
-    enc = av.CodecContext.create("libvpx", "w")
-    enc.width, enc.height, enc.pix_fmt = 320, 180, "yuv420p"
-    enc.time_base = VIDEO_TIME_BASE
-    enc.framerate = Fraction(FPS_IN)
-    enc.bit_rate = 200_000
-    enc.gop_size = FPS_IN
-    enc.options = {"deadline": "realtime", "cpu-used": "8", "lag-in-frames": "0"}
-    solid = VideoFrame(320, 180, "rgb24")
-    solid.planes[0].update(bytes(rgb) * (solid.planes[0].buffer_size // 3))
-    for i in range(round(SECONDS * FPS_IN)):
-        frame = solid.reformat(format="yuv420p")
-        frame.pts = i * (90000 // FPS_IN)
-        frame.time_base = VIDEO_TIME_BASE
-        for pkt in enc.encode(frame):
-            assert pkt.pts is not None
-            yield MediaPacket(bytes(pkt), pkt.pts, VIDEO_TIME_BASE, pkt.is_keyframe, "video")
-
-
-def _audio_packets(tone_hz: int) -> list[MediaPacket]:
-    enc = av.CodecContext.create("libopus", "w")
-    enc.sample_rate, enc.layout, enc.format = 48000, "stereo", "s16"
-    enc.time_base = AUDIO_TIME_BASE
-    chunk = b"".join(
-        int(0.2 * 32767 * math.sin(2 * math.pi * tone_hz * n / 48000)).to_bytes(
-            2, "little", signed=True
-        )
-        * 2
-        for n in range(960)
-    )
-    data: list[bytes] = []
-    for i in range(round(SECONDS * 50)):
-        frame = AudioFrame(format="s16", layout="stereo", samples=960)
-        frame.sample_rate = 48000
-        frame.pts = i * 960
-        frame.planes[0].update(chunk)
-        data.extend(bytes(p) for p in enc.encode(frame))
-    return [MediaPacket(d, n * 960, AUDIO_TIME_BASE, True, "audio") for n, d in enumerate(data)]
-
-
-def _write_track(
-    manifest: Manifest, directory: Path, pid: str, kind: Kind, packets: Iterable[MediaPacket]
-) -> None:
-    track_id = f"{pid}.{'camera' if kind == 'video' else 'microphone'}"
-
-    def on_segment(info: SegmentInfo) -> None:
-        manifest.segment(info)
-
-    writer = TrackWriter(
-        track_id,
-        kind,
-        directory,
-        SESSION_START,
-        SESSION_START,
-        segment_seconds=2.0,
-        on_segment=on_segment,
-    )
-    first = True
-    for packet in packets:
-        assert writer.push(packet)
-        if first:
-            assert writer.offset_s is not None
-            manifest.track_started(
-                track_id,
-                participant_id=pid,
-                kind=kind,
-                source="camera" if kind == "video" else "microphone",
-                codec=writer.codec,
-                offset_s=writer.offset_s,
-            )
-            first = False
-    writer.close()
-    manifest.track_ended(track_id)
 
 
 def make_recording(data_dir: Path) -> Path:
@@ -121,8 +39,8 @@ def make_recording(data_dir: Path) -> Path:
             manifest.participant(pid, name=name, clinic="Clinic", tier="lan", role="doctor")
             manifest.event("join", {"offset_s": 0.0}, participant_id=pid)
         for pid, _, rgb, tone in PEOPLE:
-            _write_track(manifest, directory, pid, "audio", _audio_packets(tone))
-            _write_track(manifest, directory, pid, "video", _video_packets(rgb))
+            write_track(manifest, directory, pid, "audio", tone_opus(tone, 0.2, SECONDS))
+            write_track(manifest, directory, pid, "video", solid_vp8(rgb, SECONDS))
         manifest.recording_stopped()
     return directory
 

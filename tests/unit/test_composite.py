@@ -14,15 +14,12 @@ from __future__ import annotations
 
 import argparse
 import math
-from collections.abc import Iterable, Iterator
-from fractions import Fraction
 from pathlib import Path
 
 import av
 import pytest
-from av import AudioFrame, VideoFrame
+from av import VideoFrame
 
-from media_server.packet import AUDIO_TIME_BASE, VIDEO_TIME_BASE, MediaPacket
 from recording.composite import (
     HIGHLIGHT_RGB,
     RenderError,
@@ -33,10 +30,8 @@ from recording.composite import (
 )
 from recording.manifest import Manifest
 from recording.render_cli import add_render_arguments, run_render
-from recording.segments import Kind, SegmentInfo, TrackWriter
+from tests.media import solid_vp8, tone_opus, write_track
 
-FPS_IN = 15
-SESSION_START = 1000.0
 OUT_W, OUT_H = 640, 360
 
 
@@ -66,87 +61,6 @@ PEOPLE = [
 # ---------------------------------------------------------------- synthetic recording
 
 
-def _video_packets(rgb: tuple[int, int, int], seconds: float) -> Iterator[MediaPacket]:
-    enc = av.CodecContext.create("libvpx", "w")
-    enc.width, enc.height, enc.pix_fmt = 320, 180, "yuv420p"
-    enc.time_base = VIDEO_TIME_BASE
-    enc.framerate = Fraction(FPS_IN)
-    enc.bit_rate = 200_000
-    enc.gop_size = FPS_IN
-    enc.options = {"deadline": "realtime", "cpu-used": "8", "lag-in-frames": "0"}
-    solid = VideoFrame(320, 180, "rgb24")
-    solid.planes[0].update(bytes(rgb) * (solid.planes[0].buffer_size // 3))
-    for i in range(round(seconds * FPS_IN)):
-        frame = solid.reformat(format="yuv420p")
-        frame.pts = i * (90000 // FPS_IN)
-        frame.time_base = VIDEO_TIME_BASE
-        for pkt in enc.encode(frame):
-            assert pkt.pts is not None
-            yield MediaPacket(bytes(pkt), pkt.pts, VIDEO_TIME_BASE, pkt.is_keyframe, "video")
-
-
-def _audio_packets(tone_hz: int, level: float, seconds: float) -> list[MediaPacket]:
-    enc = av.CodecContext.create("libopus", "w")
-    enc.sample_rate, enc.layout, enc.format = 48000, "stereo", "s16"
-    enc.time_base = AUDIO_TIME_BASE
-    # 20 ms holds a whole number of periods (tones are multiples of 50 Hz): one chunk repeats
-    chunk = b"".join(
-        int(level * 32767 * math.sin(2 * math.pi * tone_hz * n / 48000)).to_bytes(
-            2, "little", signed=True
-        )
-        * 2
-        for n in range(960)
-    )
-    data: list[bytes] = []
-    for i in range(round(seconds * 50)):
-        frame = AudioFrame(format="s16", layout="stereo", samples=960)
-        frame.sample_rate = 48000
-        frame.pts = i * 960
-        frame.planes[0].update(chunk)
-        data.extend(bytes(p) for p in enc.encode(frame))
-    return [MediaPacket(d, n * 960, AUDIO_TIME_BASE, True, "audio") for n, d in enumerate(data)]
-
-
-def _write_track(
-    manifest: Manifest,
-    directory: Path,
-    person: Person,
-    kind: Kind,
-    packets: Iterable[MediaPacket],
-    offset: float,
-) -> None:
-    track_id = f"{person.pid}.{'camera' if kind == 'video' else 'microphone'}"
-
-    def on_segment(info: SegmentInfo) -> None:
-        manifest.segment(info)
-
-    writer = TrackWriter(
-        track_id,
-        kind,
-        directory,
-        SESSION_START,
-        SESSION_START + offset,
-        segment_seconds=2.0,
-        on_segment=on_segment,
-    )
-    first = True
-    for packet in packets:
-        assert writer.push(packet)
-        if first:
-            assert writer.offset_s is not None
-            manifest.track_started(
-                track_id,
-                participant_id=person.pid,
-                kind=kind,
-                source="camera" if kind == "video" else "microphone",
-                codec=writer.codec,
-                offset_s=writer.offset_s,
-            )
-            first = False
-    writer.close()
-    manifest.track_ended(track_id)
-
-
 def make_recording(directory: Path) -> Path:
     with Manifest(directory) as manifest:
         manifest.recording_started(recording_id="rec-1", room="council", consultation_id="c-1")
@@ -155,10 +69,10 @@ def make_recording(directory: Path) -> Path:
             manifest.event("join", {"offset_s": p.span[0]}, participant_id=p.pid)
         for p in PEOPLE:
             start, end = p.span
-            audio = _audio_packets(p.tone_hz, p.level, end - start)
-            _write_track(manifest, directory, p, "audio", audio, start)
-            video = _video_packets(p.rgb, p.camera[1] - p.camera[0])
-            _write_track(manifest, directory, p, "video", video, p.camera[0])
+            audio = tone_opus(p.tone_hz, p.level, end - start)
+            write_track(manifest, directory, p.pid, "audio", audio, start)
+            video = solid_vp8(p.rgb, p.camera[1] - p.camera[0])
+            write_track(manifest, directory, p.pid, "video", video, p.camera[0])
             if end < 5:
                 manifest.event("leave", {"offset_s": end}, participant_id=p.pid)
         manifest.recording_stopped()

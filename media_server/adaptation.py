@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
@@ -40,6 +41,7 @@ from .downtrack import DownTrack
 from .estimator import BandwidthEstimator, EstimatorConfig
 from .forwarder import Forwarder, TrackInfo
 from .ladder import DEFAULT_RUNGS, Ladder, Rung, usable_rungs
+from .packet import wire_bps
 
 if TYPE_CHECKING:
     from .subscriber import Slot
@@ -47,14 +49,19 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 ADAPT_INTERVAL_S = 0.5
-AUDIO_BPS = 56_000  # Opus ~32 kbit/s + 50 packets/s x ~50 B of RTP/SRTP/UDP/IP headers
+AUDIO_BPS = 56_000  # Opus ~32 kbit/s + 50 packets/s x 66 B of headers: until measured
+AUDIO_MIN_BPS = 16_000  # a muted or silent (DTX) microphone still gets this much room
 MIN_ORIGINAL_BPS = 150_000  # before the original's rate is measured
 RELEASE_DELAY_S = 2.0  # keep the previous rung running until the switch has happened
-REMB_CONGESTION_FRACTION = 0.7  # a REMB below this share of the delivered rate means a queue
+# a REMB below this share of the delivered rate means a queue (AIMD backs off to 0.85x)
+REMB_CONGESTION_FRACTION = 0.9
+REMB_FALL = 0.97  # ... and only a REMB lower than the one before is a congestion signal
+VIDEO_RATE_WINDOW_S = 1.0
 REMB_FRESH_S = 3.0  # per-stream REMBs older than this no longer count
 # libwebrtc's receiver reports its start value (~300 kbit/s) until it has
 # measured for 5 s; aiortc's sends nothing for ~3 s
 REMB_WARMUP_S = 6.0
+MAX_REPORT_PACKETS = 10_000  # a report covering more is not about this stream's last interval
 RETRANSMIT_SHARE = 0.15  # of the estimate, for resending lost packets
 RETRANSMIT_PACKET_BYTES = 1000
 # Start at the ceiling: a viewer is moved off the original only on evidence.
@@ -173,9 +180,12 @@ class SubscriberAdaptation:
         self.layers: dict[str, str] = {}  # track id -> layer now applied
         self._last_estimate = ESTIMATOR.initial_bps
         self._session_remb: tuple[int, float] | None = None
+        self._last_remb: int | None = None  # the last REMB judged (its video part)
+        self._remb_covers_audio_at = -REMB_FRESH_S  # when a REMB last listed an audio stream
         self._stream_remb: dict[int, tuple[int, float]] = {}
         self._active_video: set[int] = set()  # video DownTracks that delivered last tick
-        self._audio_tracks = 0
+        self._audio_reserve = 0  # bits/s the subscriber's audio tracks take on the wire
+        self._video_delivered: deque[tuple[float, int]] = deque()  # (tick, video bytes)
         self._delivering_since: float | None = None
         self._rtx_tokens = 0.0
         self._rtx_refilled = time.monotonic()
@@ -183,6 +193,7 @@ class SubscriberAdaptation:
         self._original_bps: dict[str, float] = {}
         self._last_bytes: dict[int, int] = {}
         self._last_packet_bytes: dict[str, tuple[float, int]] = {}
+        self._highest_seq: dict[int, int] = {}  # DownTrack -> last report's highest sequence
 
     def __repr__(self) -> str:
         return f"SubscriberAdaptation({self.label})"
@@ -194,14 +205,24 @@ class SubscriberAdaptation:
 
         def on_remb(bps: int, ssrcs: list[int]) -> None:
             now = time.monotonic()
-            if len(ssrcs) > 1:  # one REMB for the whole session (browsers)
+            if downtrack.kind == "audio":  # the REMB lists this audio stream: it covers audio
+                self._remb_covers_audio_at = now
+                return
+            if len(ssrcs) > 1:  # one REMB for the whole session (libwebrtc)
                 self._session_remb = (bps, now)
-            else:  # one REMB per stream (aiortc receivers): the total is their sum
-                self._stream_remb[key] = (bps, now)
-                fresh = {k for k, (_, at) in self._stream_remb.items() if now - at < REMB_FRESH_S}
-                if not self._active_video <= fresh:
-                    return  # a partial sum would look like congestion
-            self.on_remb(self._total_remb(now), now)
+                # libwebrtc lists the streams it measured: often only video
+                covers_audio = now - self._remb_covers_audio_at < REMB_FRESH_S
+                total = bps if covers_audio else bps + self._audio_reserve
+                self.on_remb(total, now, video_remb=total - self._audio_reserve)
+                return
+            # one REMB per video stream (aiortc receivers): the total is their sum
+            self._stream_remb[key] = (bps, now)
+            fresh = {k for k, (_, at) in self._stream_remb.items() if now - at < REMB_FRESH_S}
+            if not self._active_video <= fresh:
+                return  # a partial sum would look like congestion
+            if self._session_remb is None or now - self._session_remb[1] >= REMB_FRESH_S:
+                video = sum(b for b, at in self._stream_remb.values() if now - at < REMB_FRESH_S)
+                self.on_remb(video + self._audio_reserve, now, video_remb=video)
 
         resent: dict[int, float] = {}  # sequence number -> when it was last resent
 
@@ -212,9 +233,23 @@ class SubscriberAdaptation:
             on_keyframe_request=downtrack.request_keyframe,
             on_remb=on_remb,
             nack_filter=nack_filter,
-            on_report=lambda rr: self.estimator.on_receiver_report(
-                rr.fraction_lost, rr.rtt_s, time.monotonic()
-            ),
+            on_report=lambda rr: self._on_report(key, rr),
+        )
+
+    def _on_report(self, key: int, report: hooks.ReceiverReport) -> None:
+        """Pass a report block on with the number of packets it covers.
+
+        The receiver's extended highest sequence number advances by what it
+        expected since its previous report; the first block of a stream only
+        sets that origin (it covers an unknown number of packets).
+        """
+        previous = self._highest_seq.get(key)
+        self._highest_seq[key] = report.highest_sequence
+        expected = 0 if previous is None else report.highest_sequence - previous
+        if not 0 <= expected <= MAX_REPORT_PACKETS:
+            expected = 0  # a restarted stream or a bogus report: a new origin
+        self.estimator.on_receiver_report(
+            report.fraction_lost, report.rtt_s, time.monotonic(), expected
         )
 
     def _allow_retransmissions(
@@ -249,46 +284,64 @@ class SubscriberAdaptation:
                 del resent[seq]
         return allowed
 
-    def _total_remb(self, now: float) -> int:
-        if self._session_remb is not None and now - self._session_remb[1] < REMB_FRESH_S:
-            return self._session_remb[0]
-        video = sum(bps for bps, at in self._stream_remb.values() if now - at < REMB_FRESH_S)
-        # aiortc's per-stream REMBs cover video only; the allocator reserves audio itself
-        return video + AUDIO_BPS * self._audio_tracks
-
-    def on_remb(self, bps: int, now: float | None = None) -> None:
+    def on_remb(self, bps: int, now: float | None = None, video_remb: int | None = None) -> None:
         """Pass on a REMB only when it is evidence.
 
-        A receiver's REMB (aiortc's and libwebrtc's AIMD) never exceeds ~1.5x what
-        it receives and starts near it (a per-stream REMB of a fresh aiortc receiver
-        is ~0.9x the stream), so a REMB a little below what we send is
-        not congestion, just a receiver that has not been shown more; following it
-        would ratchet a good viewer down.  A REMB clearly below the delivered rate
-        is the receiver's delay-based detector seeing a queue: follow it.  A REMB
-        at or above the estimate only raises the cap.
+        A receiver's REMB (aiortc's and libwebrtc's AIMD) rises towards ~1.5x what
+        it receives and, on overuse, falls to 0.85x of it.  So a REMB above what we
+        deliver but below the estimate is a receiver that has not been shown more
+        (following it would ratchet a good viewer down), while a REMB below
+        :data:`REMB_CONGESTION_FRACTION` of the delivered rate is its
+        delay-based detector seeing a queue: follow it, if it fell (a receiver
+        ramping up from its start value is also below what we send).  A REMB at or above the
+        estimate only raises the cap.  ``video_remb`` is the video part of ``bps``
+        (aiortc sends one REMB per video stream, libwebrtc one that often lists
+        only the video streams; the audio reserve is added to make ``bps``): it
+        is compared with the video we deliver, or audio would hide the overuse.
         """
         now = time.monotonic() if now is None else now
         if self._delivering_since is None or now - self._delivering_since < REMB_WARMUP_S:
             return  # a receiver's first REMBs are its start value, not a measurement
-        delivered = self.estimator.delivered_bps(now)
-        congested = delivered is not None and bps < REMB_CONGESTION_FRACTION * delivered
+        if video_remb is None:
+            measured, delivered = bps, self.estimator.delivered_bps(now)
+        else:
+            measured, delivered = video_remb, self._video_delivered_bps(now)
+        previous, self._last_remb = self._last_remb, measured
+        # a receiver still ramping up from its start value is below what we send
+        # too, but rising; overuse is a fall
+        falling = previous is not None and measured < REMB_FALL * previous
+        congested = (
+            falling and delivered is not None and measured < REMB_CONGESTION_FRACTION * delivered
+        )
         if congested or bps >= self.estimator.estimate_bps(now):
             self.estimator.on_remb(bps, now)
+
+    def _video_delivered_bps(self, now: float) -> int | None:
+        """Video handed to the subscriber over the last ~second (None until measured)."""
+        window = self._video_delivered
+        if len(window) < 2 or window[-1][0] <= window[0][0]:
+            return None
+        return int(8 * sum(n for _, n in list(window)[1:]) / (window[-1][0] - window[0][0]))
 
     # -- the periodic decision ------------------------------------------------
 
     async def tick(self, slots: list[Slot], now: float | None = None) -> None:
         now = time.monotonic() if now is None else now
-        delivered = 0
+        delivered = video = 0
         active: set[int] = set()
         for slot in slots:
             key = id(slot.downtrack)
-            total = slot.downtrack.bytes_forwarded
+            total = slot.downtrack.wire_bytes_forwarded
             step = total - self._last_bytes.get(key, total)
             delivered += step
             self._last_bytes[key] = total
             if step > 0 and slot.kind == "video":
                 active.add(key)
+                video += step
+        window = self._video_delivered
+        window.append((now, video))
+        while len(window) > 2 and now - window[1][0] >= VIDEO_RATE_WINDOW_S:
+            window.popleft()
         self._active_video = active
         if delivered > 0 and self._delivering_since is None:
             self._delivering_since = now
@@ -300,36 +353,42 @@ class SubscriberAdaptation:
             )
         self._last_estimate = estimate
         videos: list[tuple[Slot, VideoCandidate]] = []
-        audio_tracks = 0
+        audio_reserve = 0
         for slot in slots:
             if slot.info is None or slot.forwarder is None:
                 continue
             if slot.info.kind == "audio":
-                audio_tracks += 1
+                rate = self._measure(slot.forwarder, now)
+                audio_reserve += AUDIO_BPS if rate is None else max(AUDIO_MIN_BPS, int(rate))
                 continue
             videos.append((slot, self._candidate(slot.forwarder, now)))
-        self._audio_tracks = audio_tracks
-        choices = self.allocator.allocate(
-            estimate, [c for _, c in videos], AUDIO_BPS, max(audio_tracks, 1)
-        )
+        self._audio_reserve = audio_reserve
+        choices = self.allocator.allocate(estimate, [c for _, c in videos], audio_reserve, 1)
         for slot, candidate in videos:
             choice = choices.get(candidate.track_id)
             if choice is not None:
                 await self._apply(slot, choice)
 
-    def _candidate(self, forwarder: Forwarder, now: float) -> VideoCandidate:
+    def _measure(self, forwarder: Forwarder, now: float) -> float | None:
+        """The published track's rate on the wire (smoothed), None until measured."""
         track_id = forwarder.info.id
         last = self._last_packet_bytes.get(track_id)
-        self._last_packet_bytes[track_id] = (now, forwarder.bytes)
+        self._last_packet_bytes[track_id] = (now, forwarder.wire_bytes)
         if last is not None and now > last[0]:
-            rate = (forwarder.bytes - last[1]) * 8 / (now - last[0])
+            rate = (forwarder.wire_bytes - last[1]) * 8 / (now - last[0])
             prev = self._original_bps.get(track_id)
             self._original_bps[track_id] = rate if prev is None else 0.7 * prev + 0.3 * rate
-        original = int(max(self._original_bps.get(track_id, 0.0), MIN_ORIGINAL_BPS))
+        return self._original_bps.get(track_id)
+
+    def _candidate(self, forwarder: Forwarder, now: float) -> VideoCandidate:
+        original = int(max(self._measure(forwarder, now) or 0.0, MIN_ORIGINAL_BPS))
         layers = [Layer(ORIGINAL, original)]
-        layers += [Layer(r.name, r.bitrate) for r in self.pool.rungs_for(forwarder, original)]
+        layers += [
+            Layer(r.name, wire_bps(r.bitrate, r.fps))
+            for r in self.pool.rungs_for(forwarder, original)
+        ]
         priority = PRIORITY_SCREEN if forwarder.info.source == "screen" else PRIORITY_OTHER
-        return VideoCandidate(track_id, priority, tuple(layers))
+        return VideoCandidate(forwarder.info.id, priority, tuple(layers))
 
     async def _apply(self, slot: Slot, choice: Choice) -> None:
         assert slot.info is not None and slot.forwarder is not None

@@ -24,7 +24,7 @@ from typing import Any, Protocol
 from aiortc import MediaStreamTrack
 from aiortc.mediastreams import MediaStreamError
 
-from .packet import MediaPacket
+from .packet import MediaPacket, wire_bytes
 
 
 class Source(Protocol):
@@ -78,6 +78,7 @@ class DownTrack(MediaStreamTrack):
         # counters
         self.frames_forwarded = 0
         self.bytes_forwarded = 0
+        self.wire_bytes_forwarded = 0  # with RTP/SRTP/UDP/IP headers
         self.frames_dropped = 0
         self.overflows = 0
         self.switches = 0
@@ -204,6 +205,7 @@ class DownTrack(MediaStreamTrack):
             self.first_frame_at = time.monotonic()
         if isinstance(item, MediaPacket):
             self.bytes_forwarded += len(item.data)
+            self.wire_bytes_forwarded += wire_bytes(len(item.data))
             return self._rebased(item)
         return item
 

@@ -10,8 +10,9 @@ Inputs
   receive-side, delay-based estimate).  aiortc receivers send none for the
   first ~3 s and then raise it by at most 8 %/s, never above 1.5x what they
   receive + 10 kbit/s; browsers behave alike (libwebrtc ``AimdRateControl``).
-* ``on_receiver_report(fraction_lost, rtt_s, now)`` — one RTCP receiver report
-  block (per sender, so several arrive per report interval).
+* ``on_receiver_report(fraction_lost, rtt_s, now, expected)`` — one RTCP
+  receiver report block (per sender, so several arrive per report interval),
+  with the number of packets it covers when known.
 * ``on_delivered(nbytes, now)`` — bytes we handed to the subscriber's transport;
   gives the *delivered rate* over the last second.
 
@@ -22,6 +23,11 @@ The estimate is ``min(REMB, loss-based rate)``, clamped to ``[floor, ceiling]``
 and held with hysteresis, down fast and up slowly:
 
 * **REMB drop** — followed at once: the estimate never exceeds the last REMB.
+* **loss is judged over at least 20 packets** (libwebrtc's
+  ``kLimitNumPackets``): report blocks that say how many packets they cover are
+  pooled, across all the subscriber's streams, until 20 are covered; one lost
+  packet of a 10 packet/s low rung is 2 % random loss on a satellite link, not
+  a 20 % loss event.
 * **loss > 10 %** — congestion: the estimate is cut to
   ``min(estimate, delivered rate) x (1 - 0.5 x loss)``.  The delivered rate is
   used because the allocator may be sending far less than the estimate (rungs
@@ -81,6 +87,7 @@ class EstimatorConfig:
     remb_recovery_fraction: float = 0.0  # 0 = off: only the slow rise
     remb_recovery_per_s: float = 0.5
     remb_max_age_s: float = 5.0  # an older REMB no longer caps the rise
+    min_loss_packets: int = 20  # pool report blocks until they cover this many packets
 
     def __post_init__(self) -> None:
         if not 0 < self.floor_bps <= self.initial_bps <= self.ceiling_bps:
@@ -93,6 +100,8 @@ class EstimatorConfig:
             raise ValueError("delivered_window_s must be > 0 and decrease_interval_s >= 0")
         if self.remb_max_age_s <= 0:
             raise ValueError("remb_max_age_s must be > 0")
+        if self.min_loss_packets < 1:
+            raise ValueError("min_loss_packets must be >= 1")
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,6 +133,8 @@ class BandwidthEstimator:
         self._delivered: deque[tuple[float, int]] = deque()
         self._delivered_bytes = 0
         self._first_delivery: float | None = None
+        self._pooled_lost = 0.0  # report blocks not yet judged (see min_loss_packets)
+        self._pooled_expected = 0
         self.decreases = 0  # counters, for stats
         self.increases = 0
 
@@ -137,13 +148,29 @@ class BandwidthEstimator:
         if self._remb < self._estimate:
             self._set(max(float(self.config.floor_bps), float(self._remb)), "decrease")
 
-    def on_receiver_report(self, fraction_lost: float, rtt_s: float | None, now: float) -> None:
-        """One report block: ``fraction_lost`` in 0..1 since the previous report."""
+    def on_receiver_report(
+        self, fraction_lost: float, rtt_s: float | None, now: float, expected: int | None = None
+    ) -> None:
+        """One report block: ``fraction_lost`` in 0..1 since the previous report.
+
+        ``expected``: how many packets the block covers.  Blocks that say are
+        pooled until they cover ``min_loss_packets``; a block without it is
+        judged on its own.
+        """
         self._advance(now)
-        loss = min(1.0, max(0.0, float(fraction_lost)))
-        self._loss = loss
         if rtt_s is not None and rtt_s >= 0:
             self._rtt = float(rtt_s)
+        loss = min(1.0, max(0.0, float(fraction_lost)))
+        if expected is not None:
+            if expected <= 0:
+                return
+            self._pooled_lost += loss * expected
+            self._pooled_expected += expected
+            if self._pooled_expected < self.config.min_loss_packets:
+                return
+            loss = min(1.0, self._pooled_lost / self._pooled_expected)
+            self._pooled_lost, self._pooled_expected = 0.0, 0
+        self._loss = loss
         cfg = self.config
         if loss > cfg.loss_decrease_above:
             self._good_since = None

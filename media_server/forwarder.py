@@ -13,7 +13,7 @@ from aiortc import MediaStreamTrack, RTCRtpReceiver
 from aiortc.mediastreams import MediaStreamError
 
 from . import hooks
-from .packet import MediaPacket, vp8_keyframe_size
+from .packet import MediaPacket, vp8_keyframe_size, wire_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +65,7 @@ class Forwarder:
         self._pli_pending: asyncio.TimerHandle | None = None
         self.packets = 0
         self.bytes = 0
+        self.wire_bytes = 0  # with RTP/SRTP/UDP/IP headers (see packet.wire_bytes)
         self.keyframes = 0
         self.frame_size: tuple[int, int] | None = None  # from the last VP8 keyframe
         self.last_packet_at: float | None = None
@@ -122,6 +123,7 @@ class Forwarder:
                 self.last_packet_at = time.monotonic()
                 if isinstance(item, MediaPacket):
                     self.bytes += len(item.data)
+                    self.wire_bytes += wire_bytes(len(item.data))
                     if item.keyframe and item.kind == "video":
                         self.keyframes += 1
                         self.frame_size = vp8_keyframe_size(item.data) or self.frame_size

@@ -445,6 +445,7 @@ class ReceiverReport:
     fraction_lost: float  # 0..1 over the last report interval
     packets_lost: int  # cumulative
     jitter: int  # in RTP clock units
+    highest_sequence: int = 0  # extended highest sequence number received
     rtt_s: float | None = None  # aiortc's smoothed RTT from LSR/DLSR, once known
 
 
@@ -520,6 +521,7 @@ def _dispatch_feedback(sender: RTCRtpSender, feedback: SenderFeedback, packet: A
                         fraction_lost=report.fraction_lost / 256.0,
                         packets_lost=report.packets_lost,
                         jitter=report.jitter,
+                        highest_sequence=report.highest_sequence,
                         rtt_s=float(rtt) if rtt is not None else None,
                     )
                 )

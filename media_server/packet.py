@@ -16,6 +16,24 @@ from fractions import Fraction
 VIDEO_TIME_BASE = Fraction(1, 90000)
 AUDIO_TIME_BASE = Fraction(1, 48000)
 
+# What a frame costs on the wire beyond its payload: aiortc packetizes at most
+# 1300 bytes per RTP packet (codecs/vpx.py, h264.py), and each packet carries
+# RTP (12) + header extensions (abs-send-time, mid, audio level: ~12) + codec
+# descriptor (~4) + SRTP tag (10) + UDP (8) + IPv4 (20).
+RTP_PAYLOAD_MAX = 1296
+PACKET_OVERHEAD_BYTES = 66
+
+
+def wire_bytes(payload: int) -> int:
+    """Bytes one frame of ``payload`` bytes takes on the wire, headers included."""
+    return payload + (payload // RTP_PAYLOAD_MAX + 1) * PACKET_OVERHEAD_BYTES
+
+
+def wire_bps(payload_bps: float, frames_per_s: float) -> int:
+    """A stream's rate on the wire, from its payload rate and frame rate."""
+    frame = payload_bps / 8 / max(frames_per_s, 1.0)
+    return int(8 * wire_bytes(int(frame)) * frames_per_s)
+
 
 @dataclass(frozen=True, slots=True)
 class MediaPacket:

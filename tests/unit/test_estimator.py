@@ -159,3 +159,29 @@ def test_config_is_validated() -> None:
         EstimatorConfig(floor_bps=100_000, initial_bps=50_000)
     with pytest.raises(ValueError):
         EstimatorConfig(loss_increase_below=0.2, loss_decrease_above=0.1)
+
+
+def test_loss_of_a_few_packets_is_pooled_until_20_are_covered() -> None:
+    """One lost packet of a 5-packet report is random loss, not a 20 % loss event."""
+    est = BandwidthEstimator(EstimatorConfig(initial_bps=300_000))
+    deliver(est, 300_000, 0.0, 2.0)
+    est.on_receiver_report(0.2, 0.6, 2.0, expected=5)  # 1 of 5 lost
+    assert est.estimate_bps(2.0) == 300_000
+    est.on_receiver_report(0.0, 0.6, 2.1, expected=50)  # pooled: 1 of 55 lost
+    assert est.estimate_bps(2.1) == 300_000
+    assert est.snapshot(2.1).fraction_lost == pytest.approx(1 / 55)
+
+
+def test_pooled_heavy_loss_still_cuts() -> None:
+    est = BandwidthEstimator(EstimatorConfig(initial_bps=300_000))
+    deliver(est, 300_000, 0.0, 2.0)
+    for i in range(4):  # 5 packets each, 2 lost: pooled to 40 % over 20
+        est.on_receiver_report(0.4, 0.6, 2.0 + i * 0.05, expected=5)
+    assert est.estimate_bps(2.2) < 300_000 * 0.85
+
+
+def test_a_report_covering_no_packets_only_updates_rtt() -> None:
+    est = BandwidthEstimator(EstimatorConfig(initial_bps=300_000))
+    est.on_receiver_report(1.0, 0.7, 1.0, expected=0)
+    assert est.estimate_bps(1.0) == 300_000
+    assert est.snapshot(1.0).rtt_s == pytest.approx(0.7)

@@ -1,0 +1,61 @@
+"""SubscriberAdaptation: which REMBs are evidence of congestion (pure, no media)."""
+
+from __future__ import annotations
+
+import time
+from typing import Any, cast
+
+from media_server.adaptation import LadderPool, SubscriberAdaptation
+from media_server.downtrack import DownTrack
+from media_server.subscriber import Slot
+
+VIDEO_BPS = 400_000
+
+
+async def _adaptation_delivering(seconds: float) -> tuple[SubscriberAdaptation, DownTrack]:
+    """A subscriber that was sent VIDEO_BPS of video for ``seconds`` up to now."""
+    adaptation = SubscriberAdaptation("t", LadderPool(), None)
+    downtrack = DownTrack("video", "t")
+    slot = Slot("video", downtrack, cast(Any, None))  # no track bound: only delivery counts
+    now = time.monotonic()
+    t = now - seconds
+    while t <= now:
+        downtrack.wire_bytes_forwarded += VIDEO_BPS // 8 // 2
+        await adaptation.tick([slot], now=t)
+        t += 0.5
+    return adaptation, downtrack
+
+
+async def test_a_per_stream_remb_falling_below_the_video_delivered_is_followed() -> None:
+    adaptation, downtrack = await _adaptation_delivering(8.0)
+    before = adaptation.estimator.estimate_bps(time.monotonic())
+    feedback = adaptation.feedback(downtrack)
+    feedback.on_remb(int(VIDEO_BPS * 0.95), [1234])
+    feedback.on_remb(int(VIDEO_BPS * 0.8), [1234])
+    after = adaptation.estimator.estimate_bps(time.monotonic())
+    assert after < before
+    assert after <= VIDEO_BPS * 0.8
+
+
+async def test_a_per_stream_remb_a_little_below_what_is_sent_is_not_congestion() -> None:
+    adaptation, downtrack = await _adaptation_delivering(8.0)
+    before = adaptation.estimator.estimate_bps(time.monotonic())
+    adaptation.feedback(downtrack).on_remb(int(VIDEO_BPS * 0.95), [1234])
+    assert adaptation.estimator.estimate_bps(time.monotonic()) == before
+
+
+async def test_remb_during_warm_up_is_ignored() -> None:
+    adaptation, downtrack = await _adaptation_delivering(3.0)
+    before = adaptation.estimator.estimate_bps(time.monotonic())
+    adaptation.feedback(downtrack).on_remb(50_000, [1234])
+    assert adaptation.estimator.estimate_bps(time.monotonic()) == before
+
+
+async def test_a_remb_ramping_up_from_its_start_value_is_not_congestion() -> None:
+    """libwebrtc starts low and climbs: below what we send, but rising."""
+    adaptation, downtrack = await _adaptation_delivering(8.0)
+    before = adaptation.estimator.estimate_bps(time.monotonic())
+    feedback = adaptation.feedback(downtrack)
+    for share in (0.5, 0.55, 0.6, 0.7):
+        feedback.on_remb(int(VIDEO_BPS * share), [1234])
+    assert adaptation.estimator.estimate_bps(time.monotonic()) == before

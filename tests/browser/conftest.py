@@ -7,6 +7,7 @@ A missing Chromium is a failure, not a skip, so CI cannot silently test nothing.
 
 from __future__ import annotations
 
+import shlex
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -127,3 +128,17 @@ async def open_page(browser: Browser) -> AsyncIterator[OpenPage]:
     yield _open
     for context in contexts:
         await context.close()
+
+
+def namespace_launcher(netns: str, directory: Path, chromium: Path = CHROMIUM) -> Path:
+    """An executable that starts ``chromium`` inside the network namespace ``netns``.
+
+    Give it to ``pw.chromium.launch(executable_path=...)``: ``ip netns exec`` keeps
+    the file descriptors of Playwright's ``--remote-debugging-pipe``, so Playwright
+    drives (and closes) a browser whose every socket lives in the namespace.
+    """
+    launcher = directory / f"chromium-in-{netns}"
+    command = shlex.join(["ip", "netns", "exec", netns, str(chromium)])
+    launcher.write_text(f'#!/bin/sh\nexec {command} "$@"\n')
+    launcher.chmod(0o755)
+    return launcher

@@ -1,10 +1,16 @@
-"""``konsilium recordings list | verify ID | export ID --fhir | purge-expired``.
+"""``konsilium recordings list | verify | render | export --fhir | purge-expired | new-key``.
 
 Works on the data directory of a server (running or not), like ``konsilium
 token``.  ``verify`` exits 0 when the recording is intact, 1 when incomplete
 (never sealed: a crash), 2 when altered, 3 when there is no such recording or no
 key to check it with.  ``export`` refuses an altered recording and, unless
 ``--allow-incomplete``, an unsealed one.
+
+Encrypted recordings (setting ``recording_key_file``): ``verify`` needs no key
+(it checks the stored bytes against the signed manifest and names the key a
+recording needs); ``list``, ``export`` and ``purge-expired`` read the
+manifest's personal data and need the key; ``new-key`` appends a fresh key to
+the key file.
 
 Every use is an access to the medical record: it is appended to the audit log
 — the Store's when ``redis_url`` is configured (shared with the servers), else
@@ -27,7 +33,9 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from recording.errors import RecordingError
 from recording.fhir import meta_from_manifest, recording_bundle
+from recording.keyring import EncryptionKeyError, Keyring, append_new_key
 from recording.manifest import (
     KEY_DIR,
     KEY_FILE,
@@ -35,10 +43,11 @@ from recording.manifest import (
     RecordingKeyError,
     RecordingKeys,
     load_public_key_pem,
-    read_entries,
 )
+from recording.playback import COMPOSITE_NAME
 from recording.registry import UnknownRecording, list_recordings, recording_dir
 from recording.retention import SweepReport, sweep
+from recording.storage import read_entries
 from recording.verify import VerifyReport, verify_recording
 
 if TYPE_CHECKING:
@@ -73,13 +82,15 @@ def add_recordings_parser(
     ls = sub.add_parser("list", help="list the recordings")
     ls.add_argument("--json", action="store_true", help="print JSON")
     add_common(ls)
+    add_key_file_argument(ls)
     ls.set_defaults(handler=_list)
 
     vf = sub.add_parser(
         "verify",
         help="check a recording against its signed manifest",
         description="Exit code: 0 intact, 1 incomplete (never sealed), 2 altered, "
-        "3 no such recording or no key.",
+        "3 no such recording or no key.  Encrypted recordings verify without "
+        "the encryption key.",
     )
     vf.add_argument("recording_id", metavar="ID")
     vf.add_argument("--public-key", type=Path, help="PEM public key (default: the data dir's key)")
@@ -112,6 +123,7 @@ def add_recordings_parser(
         "--allow-incomplete", action="store_true", help="export a recording that was never sealed"
     )
     add_common(ex)
+    add_key_file_argument(ex)
     ex.set_defaults(handler=_export)
 
     pg = sub.add_parser(
@@ -124,7 +136,28 @@ def add_recordings_parser(
     )
     pg.add_argument("--dry-run", action="store_true", help="list what would be deleted")
     add_common(pg)
+    add_key_file_argument(pg)
     pg.set_defaults(handler=_purge_expired)
+
+    nk = sub.add_parser(
+        "new-key",
+        help="append a new encryption key to the recording key file",
+        description="Append a fresh random AES-256 key (base64) to the recording key file "
+        "(created with mode 0600 if missing) and print its id.  The last key of the file "
+        "encrypts new recordings after the next start; keep the older keys: they decrypt "
+        "the recordings made with them.",
+    )
+    add_common(nk)
+    add_key_file_argument(nk)
+    nk.set_defaults(handler=_new_key)
+
+
+def add_key_file_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--recording-key-file",
+        type=Path,
+        help="recording encryption keys (default: the recording_key_file setting)",
+    )
 
 
 # ---------------------------------------------------------------- handlers
@@ -133,7 +166,22 @@ def add_recordings_parser(
 def _settings(args: argparse.Namespace, **extra: object) -> Settings:
     from signalling.settings import load_settings
 
-    return load_settings({"data_dir": args.data_dir, **extra}, os.environ, args.config)
+    cli = {
+        "data_dir": args.data_dir,
+        "recording_key_file": getattr(args, "recording_key_file", None),
+        **extra,
+    }
+    return load_settings(cli, os.environ, args.config)
+
+
+def load_keyring(settings: Settings) -> Keyring | None:
+    """The configured recording keys, or None; CliError (exit 3) when the file is unusable."""
+    if settings.recording_key_file is None:
+        return None
+    try:
+        return Keyring.load(settings.recording_key_file)
+    except EncryptionKeyError as exc:
+        raise CliError(str(exc), EXIT_NOT_FOUND) from None
 
 
 def _run(args: argparse.Namespace, body: Callable[[Settings], int]) -> int:
@@ -147,7 +195,7 @@ def _run(args: argparse.Namespace, body: Callable[[Settings], int]) -> int:
 
 def _list(args: argparse.Namespace) -> int:
     def body(settings: Settings) -> int:
-        found = list_recordings(settings.data_dir)
+        found = list_recordings(settings.data_dir, load_keyring(settings))
         _audit(settings, "recording_list", "*", "ok")
         if args.json:
             print(json.dumps([s.to_json() for s in found], ensure_ascii=False, indent=2))
@@ -155,12 +203,16 @@ def _list(args: argparse.Namespace) -> int:
         if not found:
             print("no recordings")
             return 0
-        print(f"{'ID':<30} {'ROOM':<20} {'STARTED':<24} {'STOP':<12} SEALED TRACKS SEGMENTS   MB")
+        print(
+            f"{'ID':<30} {'ROOM':<20} {'STARTED':<24} {'STOP':<12} "
+            "SEALED TRACKS SEGMENTS   MB ENCRYPTED"
+        )
         for s in found:
             print(
                 f"{s.id:<30} {(s.room or '?')[:20]:<20} {s.started_at or '?':<24} "
                 f"{(s.stop_reason or '-')[:12]:<12} {'yes' if s.sealed else 'no':<6} "
-                f"{s.tracks:>6} {s.segments:>8} {s.bytes / 1e6:>4.1f}"
+                f"{s.tracks:>6} {s.segments:>8} {s.bytes / 1e6:>4.1f} "
+                f"{'yes' if s.encrypted else 'no'}"
             )
         return 0
 
@@ -188,6 +240,8 @@ def print_report(recording_id: str, report: VerifyReport, out: TextIO) -> None:
     elif report.intact_through is not None and report.status != "intact":
         facts += f", entries 0–{report.intact_through} verify"
     print(f"{recording_id}: {report.status} ({facts})", file=out)
+    if report.encryption_keys:
+        print(f"  encrypted at rest with key {', '.join(report.encryption_keys)}", file=out)
     for problem in report.problems:
         print(f"  {problem.severity:<10} {problem.code}: {problem.message}", file=out)
 
@@ -203,9 +257,17 @@ def _export(args: argparse.Namespace) -> int:
             print_report(args.recording_id, report, sys.stderr)
             hint = "" if report.status == "altered" else " (--allow-incomplete to export anyway)"
             raise CliError(f"not exported: the recording is {report.status}{hint}", 2)
-        bundle = fhir_export(
-            directory, base_url=settings.base_url, media=args.media, recording_id=args.recording_id
-        )
+        try:
+            bundle = fhir_export(
+                directory,
+                base_url=settings.base_url,
+                media=args.media,
+                recording_id=args.recording_id,
+                keyring=load_keyring(settings),
+            )
+        except RecordingError as exc:  # KeyUnavailable, DecryptionError
+            _audit(settings, "recording_export", args.recording_id, "refused_key")
+            raise CliError(f"not exported: {exc}", EXIT_NOT_FOUND) from None
         text = json.dumps(bundle, ensure_ascii=False, indent=2) + "\n"
         if args.out is not None:
             args.out.write_text(text, encoding="utf-8")
@@ -218,18 +280,33 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def fhir_export(
-    directory: Path, *, base_url: str, recording_id: str, media: Path | None = None
+    directory: Path,
+    *,
+    base_url: str,
+    recording_id: str,
+    media: Path | None = None,
+    keyring: Keyring | None = None,
 ) -> dict[str, Any]:
-    """The FHIR R4 Bundle of a recording; the attachment is ``media`` or the manifest."""
-    meta = meta_from_manifest(read_entries(directory))
+    """The FHIR R4 Bundle of a recording; the attachment is ``media`` or the manifest.
+
+    The manifest attachment is the signed journal as stored (what verifies against
+    the seal); a media attachment is described as delivered, decrypted.  The
+    recording's own composite is delivered by the playback endpoint, which is then
+    the attachment's url.
+    """
+    meta = meta_from_manifest(read_entries(directory, keyring))
+    url = f"{base_url.rstrip('/')}/api/recordings/{recording_id}"
     if media is not None:
         if not media.is_file():
             raise CliError(f"{media}: no such file", EXIT_NOT_FOUND)
         path, content_type = media, MEDIA_TYPES.get(media.suffix.lower(), "video/webm")
+        if media.resolve() == (directory / COMPOSITE_NAME).resolve():
+            url = f"{base_url.rstrip('/')}/recordings/{recording_id}/media/composite"
     else:
         path, content_type = directory / MANIFEST_NAME, MANIFEST_CONTENT_TYPE
-    url = f"{base_url.rstrip('/')}/api/recordings/{recording_id}"
-    return recording_bundle(meta, url=url, export_path=path, content_type=content_type)
+    return recording_bundle(
+        meta, url=url, export_path=path, content_type=content_type, keyring=keyring
+    )
 
 
 def _purge_expired(args: argparse.Namespace) -> int:
@@ -242,6 +319,8 @@ def _purge_expired(args: argparse.Namespace) -> int:
             print(f"could not delete {d.id}", file=sys.stderr)
         for recording_id in report.incomplete:
             print(f"kept {recording_id}: not sealed and stopped (incomplete), check it")
+        for recording_id in report.locked:
+            print(f"kept {recording_id}: encrypted with a key that is not configured")
         print(
             f"{len(report.deleted)} {verb}, {len(report.kept)} kept, "
             f"{len(report.incomplete)} incomplete, {len(report.failed)} failed"
@@ -255,6 +334,7 @@ def _purge_expired(args: argparse.Namespace) -> int:
 async def _purge(settings: Settings, *, dry_run: bool) -> SweepReport:
     """One retention sweep; audit to the shared Store (Redis) or the CLI audit file."""
     actor = _actor()
+    keyring = load_keyring(settings)
     if settings.redis_url:
         from signalling.store_factory import open_store
 
@@ -266,6 +346,7 @@ async def _purge(settings: Settings, *, dry_run: bool) -> SweepReport:
                 retention_days=settings.retention_days,
                 dry_run=dry_run,
                 actor=actor,
+                keyring=keyring,
             )
         finally:
             await store.close()
@@ -283,7 +364,25 @@ async def _purge(settings: Settings, *, dry_run: bool) -> SweepReport:
         dry_run=dry_run,
         actor=actor,
         audit=to_file,
+        keyring=keyring,
     )
+
+
+def _new_key(args: argparse.Namespace) -> int:
+    def body(settings: Settings) -> int:
+        path = settings.recording_key_file
+        if path is None:
+            raise CliError("give --recording-key-file (or set recording_key_file)", 2)
+        try:
+            key_id = append_new_key(path)
+        except (EncryptionKeyError, OSError) as exc:
+            raise CliError(str(exc), EXIT_NOT_FOUND) from None
+        _audit(settings, "recording_key_created", key_id, "ok")
+        print(f"{path}: added key {key_id}; new recordings use it after the next start")
+        print("keep a copy of the file somewhere safe: without it no recording can be read")
+        return 0
+
+    return _run(args, body)
 
 
 # ---------------------------------------------------------------- helpers

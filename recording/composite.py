@@ -32,6 +32,11 @@ per tile, at most a few audio packets buffered per track.  The output is written
 to ``<out>.part`` and renamed when complete; an exception (also one raised by
 the ``progress`` callback, to cancel) removes it.
 
+Encryption at rest: segments and the manifest are read through
+``recording.storage`` (decrypted when encrypted, with the ``keyring`` given);
+with a keyring the composite itself is written encrypted with its active key
+(``recording.storage.MediaOutput``: no plaintext reaches the disk).
+
 Text and compositing use Pillow (planes pasted as 8-bit images, C speed); names
 in Cyrillic need a TrueType font with it (DejaVu Sans, Debian
 ``fonts-dejavu-core``), else Pillow's built-in font is used (Latin only).
@@ -64,8 +69,9 @@ from av.video.codeccontext import VideoCodecContext
 from av.video.frame import VideoFrame
 from PIL import Image, ImageDraw, ImageFont
 
-from recording.manifest import read_entries
+from recording.keyring import Keyring
 from recording.segments import RecordingError
+from recording.storage import MediaOutput, open_media, read_entries
 
 log = logging.getLogger(__name__)
 
@@ -132,6 +138,7 @@ class _Track:
     offset_s: float
     segments: list[Path] = field(default_factory=list)
     end_s: float = 0.0
+    keyring: Keyring | None = None
 
 
 @dataclass(slots=True)
@@ -156,13 +163,13 @@ class _Plan:
     audio: list[_Track]
 
 
-def _load_plan(directory: Path) -> _Plan:
+def _load_plan(directory: Path, keyring: Keyring | None) -> _Plan:
     try:
-        entries = read_entries(directory)
+        entries = read_entries(directory, keyring)
     except FileNotFoundError as exc:
         raise RenderError(f"{directory}: no manifest") from exc
-    except ValueError as exc:
-        raise RenderError(f"{directory}: unreadable manifest: {exc}") from exc
+    except (ValueError, RecordingError) as exc:
+        raise RenderError(f"{directory.name}: unreadable manifest: {exc}") from exc
     people: dict[str, tuple[str, str]] = {}
     tracks: dict[str, _Track] = {}
     segments: dict[str, dict[int, tuple[Path, float]]] = {}
@@ -180,6 +187,7 @@ def _load_plan(directory: Path) -> _Plan:
         listed = segments.get(track.track_id, {})
         track.segments = [listed[i][0] for i in sorted(listed)]
         track.end_s = max((track.offset_s + end for _, end in listed.values()), default=0.0)
+        track.keyring = keyring
         if track.segments:
             media.append(track)
     if not media:
@@ -302,12 +310,19 @@ def _decode(track: _Track, threads: int, skipped: list[str]) -> _Frames:
     decoder: _Decoder | None = None
     for path in track.segments:
         try:
-            container = av.open(str(path))
-        except (OSError, av.FFmpegError) as exc:
+            source = open_media(path, track.keyring)
+        except (OSError, RecordingError) as exc:
             log.warning("%s: segment %s unreadable: %s", track.track_id, path.name, exc)
             skipped.append(str(path))
             continue
-        with container:
+        try:
+            container = av.open(source, "r")
+        except av.FFmpegError as exc:
+            source.close()
+            log.warning("%s: segment %s unreadable: %s", track.track_id, path.name, exc)
+            skipped.append(str(path))
+            continue
+        with source, container:
             streams = container.streams.video if track.kind == "video" else container.streams.audio
             if not streams:
                 skipped.append(str(path))
@@ -319,7 +334,7 @@ def _decode(track: _Track, threads: int, skipped: list[str]) -> _Frames:
                 for packet in container.demux(streams[0]):
                     if packet.size and packet.pts is not None:
                         yield from _decoded(decoder, packet, track.offset_s, time_base)
-            except av.FFmpegError as exc:  # a damaged file: keep what was decoded
+            except (av.FFmpegError, RecordingError) as exc:  # damaged: keep what was decoded
                 log.warning("%s: segment %s damaged: %s", track.track_id, path.name, exc)
                 skipped.append(str(path))
     if decoder is not None:
@@ -913,17 +928,19 @@ def render_composite(
     fps: int = 15,
     progress: Callable[[float], None] | None = None,
     threads: int = 1,
+    keyring: Keyring | None = None,
 ) -> RenderResult:
     """Render ``recording_dir`` into one WebM at ``out_path``; see the module docstring.
 
     ``progress(fraction)`` is called at least every 1 % and with 1.0 once the file is
     complete; an exception it raises cancels the render.  ``threads`` is given to
-    every decoder and the encoder (1: the render uses one core).
+    every decoder and the encoder (1: the render uses one core).  ``keyring``
+    decrypts the recording and, when given, encrypts the composite with its active key.
     """
     _check_arguments(width, height, fps, threads)
     started = time.perf_counter()
     recording_dir, out_path = Path(recording_dir), Path(out_path)
-    plan = _load_plan(recording_dir)
+    plan = _load_plan(recording_dir, keyring)
     frames = max(1, math.ceil(plan.duration_s * fps - 1e-6))
     samples = round(frames * RATE / fps)
     stages = _Stages()
@@ -933,8 +950,9 @@ def render_composite(
     log.info("%s: rendering %.1f s, %d tiles", recording_dir.name, plan.duration_s, len(plan.slots))
     video: _VideoPath | None = None
     audio: _AudioPath | None = None
+    output = MediaOutput(part, keyring)
     try:
-        with av.open(str(part), "w", format="webm") as container:
+        with av.open(output.target, "w", format="webm") as container:
             video = _VideoPath(plan, container, (width, height), fps, threads, stages, skipped)
             audio = _AudioPath(plan, container, threads, stages, skipped)
             reported = 0.0
@@ -947,8 +965,10 @@ def render_composite(
                     progress(min(reported, 0.999))  # 1.0 once the file is complete
             audio.finish(samples)
             video.finish()
+        output.finish()
         os.replace(part, out_path)
     except BaseException:
+        output.discard()
         part.unlink(missing_ok=True)
         raise
     finally:

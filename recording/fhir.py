@@ -20,7 +20,9 @@ Codes:
 - ``securityLabel``: v3-Confidentiality ``R`` (restricted): special-category health
   data (152-FZ art. 10).
 
-``Attachment.hash`` is base64 of the SHA-1 of the exported file (R4 says SHA-1);
+``Attachment.hash`` is base64 of the SHA-1 of the exported file as it is
+delivered (R4 says SHA-1): an encrypted media file is delivered decrypted, so
+size and hash are those of its plaintext (read through ``recording.storage``);
 ``Attachment.size`` is R4 ``unsignedInt`` (≤ 2^31-1) and is left out above that
 (R5 makes it integer64).
 """
@@ -28,7 +30,6 @@ Codes:
 from __future__ import annotations
 
 import base64
-import hashlib
 import logging
 import os
 import uuid
@@ -36,6 +37,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
+
+from recording.keyring import Keyring
+from recording.storage import media_digest
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +100,7 @@ class RecordingMeta:
 
 
 def meta_from_manifest(entries: Sequence[Mapping[str, Any]], **overrides: Any) -> RecordingMeta:
-    """RecordingMeta from a manifest's entries (``recording.manifest.read_entries``)."""
+    """RecordingMeta from a manifest's decrypted entries (``recording.storage.read_entries``)."""
     by_type: dict[str, list[Mapping[str, Any]]] = {}
     for entry in entries:
         by_type.setdefault(str(entry["type"]), []).append(entry)
@@ -123,15 +127,10 @@ def meta_from_manifest(entries: Sequence[Mapping[str, Any]], **overrides: Any) -
     return RecordingMeta(**values)
 
 
-def file_digest(path: str | os.PathLike[str]) -> tuple[int, str]:
-    """(size, base64 SHA-1) of a file: what R4 Attachment.size and .hash carry."""
-    sha1 = hashlib.sha1(usedforsecurity=False)
-    size = 0
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            sha1.update(chunk)
-            size += len(chunk)
-    return size, base64.b64encode(sha1.digest()).decode("ascii")
+def file_digest(path: str | os.PathLike[str], keyring: Keyring | None = None) -> tuple[int, str]:
+    """(size, base64 SHA-1) of a file as delivered (decrypted): R4 Attachment.size and .hash."""
+    size, sha1 = media_digest(path, keyring, "sha1")
+    return size, base64.b64encode(sha1).decode("ascii")
 
 
 def document_reference(
@@ -142,9 +141,10 @@ def document_reference(
     encounter_ref: str | None = None,
     content_type: str = "video/webm",
     now: datetime | None = None,
+    keyring: Keyring | None = None,
 ) -> dict[str, Any]:
     """R4 DocumentReference for the exported file at ``export_path``, served at ``url``."""
-    size, sha1_b64 = file_digest(export_path)
+    size, sha1_b64 = file_digest(export_path, keyring)
     attachment: dict[str, Any] = {
         "contentType": content_type,
         "url": url,
@@ -220,6 +220,7 @@ def recording_bundle(
     export_path: str | os.PathLike[str],
     content_type: str = "video/webm",
     now: datetime | None = None,
+    keyring: Keyring | None = None,
 ) -> dict[str, Any]:
     """Bundle (collection) of the DocumentReference and the Encounter it points to."""
     moment = now or datetime.now(UTC)
@@ -231,6 +232,7 @@ def recording_bundle(
         encounter_ref=enc_url,
         content_type=content_type,
         now=moment,
+        keyring=keyring,
     )
     return {
         "resourceType": "Bundle",

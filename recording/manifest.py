@@ -14,6 +14,15 @@ with an Ed25519 signature over the chain head, which covers every entry and,
 through ``segment`` entries, every segment file's SHA-256.
 
 Appends are thread-safe (TrackWriter reports segments from its worker thread).
+
+Encryption at rest: given a ``key``, every entry's ``data`` is stored encrypted
+(``{"encrypted": …}``, see ``recording.cipher``) except for ``segment`` and
+``sealed`` entries, which carry no personal data and are what ``verify``
+checks.  ``seq``, ``at``, ``type``, ``prev`` and ``hash`` stay in the clear and
+the chain hashes the entry *as stored*: the chain, the seal and every segment's
+SHA-256 verify without the key; the key is needed to read names, clinics,
+patient and room.  :func:`read_entries` returns entries as stored; readers use
+``recording.storage.read_entries``, which decrypts.
 """
 
 from __future__ import annotations
@@ -38,6 +47,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
     Ed25519PublicKey,
 )
 
+from recording.cipher import seal_entry_data
+from recording.keyring import DataKey
 from recording.segments import RecordingError, SegmentInfo
 
 log = logging.getLogger(__name__)
@@ -58,6 +69,7 @@ ENTRY_TYPES = frozenset(
         "sealed",
     }
 )
+CLEAR_ENTRY_TYPES = frozenset({"segment", "sealed"})  # never encrypted: verify reads them
 ENTRY_KEYS = frozenset({"seq", "at", "type", "data", "prev", "hash"})
 _EVENT_KIND_RE = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
 KEY_DIR = "keys"
@@ -188,6 +200,7 @@ def load_public_key_pem(pem: str | bytes) -> Ed25519PublicKey:
 class Manifest:
     """Append-only journal of one recording directory (created if missing).
 
+    With a ``key``, entry data is stored encrypted (see the module docstring).
     Opening an existing manifest continues its chain.  A torn last line (crash
     while writing) is cut off and recorded as an ``event`` of kind ``recovered``
     with the length and SHA-256 of the fragment, so the cut is itself on record.
@@ -198,8 +211,10 @@ class Manifest:
         directory: str | os.PathLike[str],
         *,
         clock: Callable[[], datetime] | None = None,
+        key: DataKey | None = None,
     ) -> None:
         self.directory = Path(directory)
+        self.key = key
         self.directory.mkdir(parents=True, exist_ok=True)
         self.path = self.directory / MANIFEST_NAME
         self._clock = clock or (lambda: datetime.now(UTC))
@@ -257,7 +272,7 @@ class Manifest:
     def append(
         self, entry_type: str, data: Mapping[str, Any], *, at: datetime | None = None
     ) -> dict[str, Any]:
-        """Append one entry, fsync it, return it (with ``seq``, ``prev`` and ``hash``)."""
+        """Append one entry, fsync it, return it as stored (with ``seq``, ``prev``, ``hash``)."""
         if entry_type not in ENTRY_TYPES:
             raise ValueError(f"unknown manifest entry type {entry_type!r}")
         with self._lock:
@@ -265,11 +280,14 @@ class Manifest:
                 raise ManifestError("manifest is closed")
             if self._sealed:
                 raise ManifestSealedError(f"{self.directory.name}: manifest is sealed")
+            stored: dict[str, Any] = dict(data)
+            if self.key is not None and entry_type not in CLEAR_ENTRY_TYPES:
+                stored = seal_entry_data(stored, self.key, self._next_seq, entry_type)
             entry: dict[str, Any] = {
                 "seq": self._next_seq,
                 "at": iso_utc(at or self._clock()),
                 "type": entry_type,
-                "data": dict(data),
+                "data": stored,
                 "prev": self._last_hash,
             }
             entry["hash"] = entry_hash(entry)
@@ -411,7 +429,11 @@ class Manifest:
 
 
 def read_entries(directory: str | os.PathLike[str]) -> list[dict[str, Any]]:
-    """The parsed complete lines of a manifest, without any checking (see verify.py)."""
+    """The parsed complete lines of a manifest, as stored, without any checking.
+
+    verify.py checks them; for an encrypted recording most ``data`` is ciphertext:
+    ``recording.storage.read_entries`` decrypts.
+    """
     raw = (Path(directory) / MANIFEST_NAME).read_bytes()
     complete = raw[: raw.rfind(b"\n") + 1]
     return [json.loads(line) for line in complete.splitlines() if line.strip()]

@@ -19,6 +19,10 @@ listed at the stop (``consent_pending``).  With ``consent_required`` nothing is
 captured until everyone present has consented, and a participant's own tracks
 only while that participant's consent stands.
 
+Encryption at rest: with a ``data_key`` every segment and the manifest's
+personal data are stored encrypted (``recording.segments``,
+``recording.manifest``).
+
 Failures: a disk-full error (ENOSPC, EDQUOT) from a writer or the manifest
 calls ``on_failure(recorder, "disk_full")`` once, on the event loop; the owner
 then stops the recording.  After a manifest write error the manifest is left as
@@ -47,6 +51,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from media_server.forwarder import Forwarder
 from media_server.packet import MediaPacket
 from media_server.room import MediaRoom
+from recording.keyring import DataKey
 from recording.manifest import Manifest, ManifestError, iso_utc
 from recording.segments import (
     Kind,
@@ -194,6 +199,7 @@ class Recorder:
         segment_seconds: float = 4.0,
         on_failure: FailureCallback | None = None,
         clock: Callable[[], float] = time.time,
+        data_key: DataKey | None = None,
     ) -> None:
         self.id = recording_id
         self.room_id = room_id
@@ -207,6 +213,7 @@ class Recorder:
         self.stop_reason: str | None = None
         self.counters = _Counters()
         self._key = private_key
+        self._data_key = data_key
         self._executor = executor
         self._on_failure = on_failure
         self._clock = clock
@@ -283,7 +290,7 @@ class Recorder:
     def _open(self, people: list[ParticipantInfo]) -> None:
         """Executor: the directory, the manifest and its first entries (raises OSError)."""
         self.directory.mkdir(parents=True, exist_ok=False)
-        manifest = Manifest(self.directory)
+        manifest = Manifest(self.directory, key=self._data_key)
         try:
             data: dict[str, Any] = {
                 "recording_id": self.id,
@@ -427,6 +434,7 @@ class Recorder:
             executor=self._executor,
             clock=self._clock,
             on_disk_full=lambda: self._fail("disk_full"),
+            key=self._data_key,
         )
         track = _Track(name, forwarder, writer, self)
         self._tracks[forwarder] = track
@@ -604,7 +612,8 @@ class Recorder:
                 if manifest is None or self._manifest_broken:
                     if manifest is not None:
                         manifest.close()
-                    manifest = Manifest(self.directory)  # cuts a torn last line, on record
+                    # cuts a torn last line, on record
+                    manifest = Manifest(self.directory, key=self._data_key)
                 manifest.recording_stopped(reason=reason)
                 manifest.seal(self._key)
                 return True

@@ -9,6 +9,10 @@ participant, the REST API, a full disk, the room emptying, shutdown), the
 
 Layout: ``<data_dir>/recordings/<recording_id>/manifest.jsonl`` and
 ``…/tracks/<track>/<index>.webm`` (see ``recording.segments``).
+
+Encryption at rest: with a :class:`~recording.keyring.Keyring` (setting
+``recording_key_file``) new recordings are encrypted with its active key, and
+every reader gets the keyring to decrypt (``recording.storage``).
 """
 
 from __future__ import annotations
@@ -26,7 +30,9 @@ from pathlib import Path
 from typing import Any
 
 from media_server.room import MediaRoom
-from recording.manifest import MANIFEST_NAME, RecordingKeys, read_entries
+from recording.keyring import Keyring
+from recording.manifest import MANIFEST_NAME, RecordingKeys
+from recording.manifest import read_entries as read_stored_entries
 from recording.recorder import (
     ParticipantInfo,
     Recorder,
@@ -35,6 +41,7 @@ from recording.recorder import (
     is_disk_full,
 )
 from recording.segments import RecordingError
+from recording.storage import entry_key_id, read_entries
 from recording.verify import VerifyReport, verify_recording
 
 log = logging.getLogger(__name__)
@@ -100,18 +107,28 @@ class RecordingSummary:
     participants: int
     tracks: int
     segments: int
-    bytes: int
+    bytes: int  # as stored
+    encrypted: bool = False
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
 
 
-def summarize(directory: Path) -> RecordingSummary:
-    """Read one recording's manifest (unchecked: ``verify`` is the check)."""
+def summarize(directory: Path, keyring: Keyring | None = None) -> RecordingSummary:
+    """Read one recording's manifest (unchecked: ``verify`` is the check).
+
+    An encrypted recording whose key is not configured is summarised from what
+    is in the clear (counts and times; no room, no consultation).
+    """
     try:
-        entries = read_entries(directory)
+        stored = read_stored_entries(directory)
     except (OSError, ValueError):
-        entries = []
+        stored = []
+    encrypted = any(entry_key_id(e) for e in stored if isinstance(e, dict))
+    try:
+        entries = read_entries(directory, keyring) if encrypted else stored
+    except (OSError, ValueError, RecordingError):
+        entries = stored
     started = next((e for e in entries if e.get("type") == "recording_started"), None)
     stopped = next((e for e in entries if e.get("type") == "recording_stopped"), None)
     data: dict[str, Any] = started.get("data", {}) if started else {}
@@ -128,16 +145,19 @@ def summarize(directory: Path) -> RecordingSummary:
         tracks=sum(1 for e in entries if e.get("type") == "track_started"),
         segments=len(segments),
         bytes=sum(int(e.get("data", {}).get("size", 0)) for e in segments),
+        encrypted=encrypted,
     )
 
 
-def list_recordings(data_dir: str | os.PathLike[str]) -> list[RecordingSummary]:
+def list_recordings(
+    data_dir: str | os.PathLike[str], keyring: Keyring | None = None
+) -> list[RecordingSummary]:
     """Every recording under ``data_dir``, oldest first (blocking: disk reads)."""
     root = recordings_root(data_dir)
     if not root.is_dir():
         return []
     found = [
-        summarize(path)
+        summarize(path, keyring)
         for path in root.iterdir()
         if RECORDING_ID_RE.match(path.name) and (path / MANIFEST_NAME).is_file()
     ]
@@ -156,12 +176,14 @@ class Recordings:
         data_dir: str | os.PathLike[str],
         keys: RecordingKeys,
         *,
+        keyring: Keyring | None = None,
         executor: Executor | None = None,
         segment_seconds: float = 4.0,
     ) -> None:
         self.data_dir = Path(data_dir)
         self.root = recordings_root(data_dir)
         self.keys = keys
+        self.keyring = keyring  # encryption at rest; None: recordings are stored in the clear
         self.segment_seconds = segment_seconds
         self._own_executor = executor is None
         self.executor: Executor = executor or ThreadPoolExecutor(
@@ -178,9 +200,19 @@ class Recordings:
         return f"Recordings({self.root}, active={len(self.active)})"
 
     @classmethod
-    def open(cls, data_dir: str | os.PathLike[str], **kwargs: Any) -> Recordings:
-        """Load (or create) the recording key in ``data_dir`` and make the registry."""
-        return cls(data_dir, RecordingKeys.load_or_create(data_dir), **kwargs)
+    def open(
+        cls,
+        data_dir: str | os.PathLike[str],
+        *,
+        key_file: str | os.PathLike[str] | None = None,
+        **kwargs: Any,
+    ) -> Recordings:
+        """Load (or create) the signing key in ``data_dir``, and the encryption keys in
+        ``key_file`` if given (EncryptionKeyError when it is unusable); make the registry."""
+        keyring = Keyring.load(key_file) if key_file is not None else None
+        if keyring is not None:
+            log.info("recordings are encrypted at rest with key %s", keyring.active.id)
+        return cls(data_dir, RecordingKeys.load_or_create(data_dir), keyring=keyring, **kwargs)
 
     def get(self, room_id: str) -> Recorder | None:
         return self.active.get(room_id)
@@ -214,6 +246,7 @@ class Recordings:
                 options=options,
                 segment_seconds=self.segment_seconds,
                 on_failure=self._on_failure,
+                data_key=self.keyring.active if self.keyring is not None else None,
             )
             try:
                 await recorder.start(participants)
@@ -280,10 +313,14 @@ class Recordings:
 
     def summaries(self) -> list[RecordingSummary]:
         """Blocking (reads every manifest): call it off the event loop."""
-        return list_recordings(self.data_dir)
+        return list_recordings(self.data_dir, self.keyring)
 
     def summary(self, recording_id: str) -> RecordingSummary:
-        return summarize(self.directory(recording_id))
+        return summarize(self.directory(recording_id), self.keyring)
+
+    def entries(self, recording_id: str) -> list[dict[str, Any]]:
+        """Blocking: the decrypted manifest entries (KeyUnavailable, DecryptionError)."""
+        return read_entries(self.directory(recording_id), self.keyring)
 
     def verify(self, recording_id: str) -> VerifyReport:
         """Blocking (hashes every segment): call it off the event loop."""

@@ -27,6 +27,8 @@ from typing import TextIO
 import av
 
 from recording.composite import RenderError, RenderResult, render_composite
+from recording.errors import RecordingError
+from recording.keyring import EncryptionKeyError, Keyring
 
 RECORDINGS_DIR = "recordings"
 COMPOSITE_NAME = "composite.webm"
@@ -48,6 +50,12 @@ def add_render_arguments(parser: argparse.ArgumentParser) -> None:
         "--threads", type=int, default=1, help="codec threads (default 1: one core)"
     )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--recording-key-file",
+        type=Path,
+        help="recording encryption keys (default: the recording_key_file setting); "
+        "with keys, the composite is written encrypted too",
+    )
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -62,9 +70,10 @@ def run_render(args: argparse.Namespace) -> int:
     if not _RECORDING_ID_RE.match(args.id):
         print(f"{prog}: {args.id!r} is not a recording id", file=sys.stderr)
         return 2
-    data_dir = _data_dir(args.data_dir)
-    if data_dir is None:
+    loaded = _load(args.data_dir, getattr(args, "recording_key_file", None))
+    if loaded is None:
         return 2
+    data_dir, keyring = loaded
     directory = data_dir / RECORDINGS_DIR / args.id
     if not directory.is_dir():
         print(f"{prog}: no recording {args.id} in {data_dir / RECORDINGS_DIR}", file=sys.stderr)
@@ -81,12 +90,13 @@ def run_render(args: argparse.Namespace) -> int:
             fps=args.fps,
             progress=bar.update,
             threads=args.threads,
+            keyring=keyring,
         )
     except KeyboardInterrupt:
         bar.abort()
         print(f"{prog}: interrupted, nothing written", file=sys.stderr)
         return 130
-    except (RenderError, OSError, av.FFmpegError) as exc:
+    except (RenderError, RecordingError, OSError, av.FFmpegError) as exc:
         bar.abort()
         print(f"{prog}: {args.id}: {exc}", file=sys.stderr)
         return 1
@@ -95,15 +105,22 @@ def run_render(args: argparse.Namespace) -> int:
     return 0
 
 
-def _data_dir(cli_value: Path | None) -> Path | None:
-    """``--data-dir``, else KONSILIUM_DATA_DIR / the config file / the default, as ``serve``."""
+def _load(data_dir: Path | None, key_file: Path | None) -> tuple[Path, Keyring | None] | None:
+    """The data dir and the recording keys, from the flags, else KONSILIUM_DATA_DIR /
+    KONSILIUM_RECORDING_KEY_FILE / the config file / the defaults, as ``serve``."""
     from signalling.settings import SettingsError, load_settings
 
     try:
-        return load_settings({"data_dir": cli_value}, os.environ, None).data_dir
-    except SettingsError as exc:
+        settings = load_settings(
+            {"data_dir": data_dir, "recording_key_file": key_file}, os.environ, None
+        )
+        keyring = None
+        if settings.recording_key_file is not None:
+            keyring = Keyring.load(settings.recording_key_file)
+    except (SettingsError, EncryptionKeyError) as exc:
         print(f"konsilium recordings render: {exc}", file=sys.stderr)
         return None
+    return settings.data_dir, keyring
 
 
 def _report(result: RenderResult) -> None:

@@ -25,7 +25,9 @@ from pathlib import Path
 from typing import Any
 
 from recording.composite import RenderResult, render_composite
+from recording.keyring import Keyring
 from recording.segments import RecordingError
+from recording.storage import media_size
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +56,8 @@ class RenderJob:
     progress: float = 0.0
     error: str | None = None
     result: RenderResult | None = None
-    size: int | None = None
+    size: int | None = None  # of the composite as played (decrypted)
+    keyring: Keyring | None = None
     cancel_event: threading.Event = field(default_factory=threading.Event)
     future: Future[None] | None = None
 
@@ -101,6 +104,7 @@ class RenderJob:
                 fps=self.fps,
                 progress=self._progress,
                 threads=1,
+                keyring=self.keyring,
             )
         except RenderCancelled:
             log.info("render of %s (%s) cancelled", self.recording_id, self.job_id)
@@ -112,7 +116,7 @@ class RenderJob:
             self.status = FAILED
             return
         self.result = result
-        self.size = self.out_path.stat().st_size
+        self.size = media_size(self.out_path, self.keyring)
         self.progress = 1.0
         self.status = DONE
         log.info(
@@ -140,10 +144,18 @@ class RenderJobs:
         return self._jobs.get(recording_id)
 
     def start(
-        self, recording_id: str, recording_dir: Path, *, width: int, height: int, fps: int
+        self,
+        recording_id: str,
+        recording_dir: Path,
+        *,
+        width: int,
+        height: int,
+        fps: int,
+        keyring: Keyring | None = None,
     ) -> RenderJob:
         """Queue a render of ``recording_dir`` into its ``composite.webm``; RenderBusy if one runs.
 
+        ``keyring`` decrypts the recording and encrypts the composite (``render_composite``).
         Call on the event loop (the check and the insert are not separated by an await).
         """
         if self._closed:
@@ -159,6 +171,7 @@ class RenderJobs:
             width=width,
             height=height,
             fps=fps,
+            keyring=keyring,
         )
         job.future = self._executor.submit(job.run)
         self._jobs[recording_id] = job

@@ -8,6 +8,10 @@ forever.  A recording that is still being recorded, or was never sealed (a crash
 leftover), is never deleted: it is reported as ``incomplete`` for a person to
 look at.
 
+An encrypted recording is read with the configured keyring; one whose key is
+not configured cannot tell its room (nor so its retention period): it is kept
+and reported as ``locked``.
+
 Each deletion removes the directory, then appends an ``recording_expired``
 audit event.  Logs name recording ids only (never participants or patients).
 
@@ -28,8 +32,11 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from recording.manifest import MANIFEST_NAME, read_entries
+from recording.errors import RecordingError
+from recording.keyring import Keyring
+from recording.manifest import MANIFEST_NAME
 from recording.registry import RECORDING_ID_RE, recordings_root
+from recording.storage import read_entries
 
 if TYPE_CHECKING:
     from signalling.store import AuditEvent, Store
@@ -53,6 +60,7 @@ class RecordingState:
     room: str | None
     stopped_at: str | None  # the recording_stopped entry's time, as written
     finished: bool  # sealed and stopped: the only recordings that may expire
+    locked: bool = False  # encrypted, and its key is not configured (or it does not decrypt)
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,6 +77,7 @@ class SweepReport:
     kept: list[str] = field(default_factory=list)
     incomplete: list[str] = field(default_factory=list)  # never sealed/stopped, or unreadable
     failed: list[Decision] = field(default_factory=list)
+    locked: list[str] = field(default_factory=list)  # encrypted with a key not configured: kept
     dry_run: bool = False
 
 
@@ -90,10 +99,12 @@ def parse_time(text: str | None) -> datetime | None:
     return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
 
 
-def read_state(directory: Path) -> RecordingState:
+def read_state(directory: Path, keyring: Keyring | None = None) -> RecordingState:
     """Blocking: read one manifest.  Unreadable manifests count as not finished."""
     try:
-        entries = read_entries(directory)
+        entries = read_entries(directory, keyring)
+    except RecordingError:  # KeyUnavailable, DecryptionError
+        return RecordingState(directory.name, directory, None, None, False, locked=True)
     except (OSError, ValueError):
         entries = []
     room: str | None = None
@@ -116,7 +127,7 @@ def read_state(directory: Path) -> RecordingState:
     return RecordingState(directory.name, directory, room, stopped_at, finished)
 
 
-def scan(data_dir: str | os.PathLike[str]) -> list[RecordingState]:
+def scan(data_dir: str | os.PathLike[str], keyring: Keyring | None = None) -> list[RecordingState]:
     """Blocking: every recording directory under ``data_dir`` (symlinks are skipped)."""
     root = recordings_root(data_dir)
     if not root.is_dir():
@@ -127,7 +138,7 @@ def scan(data_dir: str | os.PathLike[str]) -> list[RecordingState]:
             continue
         if not (path / MANIFEST_NAME).is_file():
             continue
-        found.append(read_state(path))
+        found.append(read_state(path, keyring))
     return found
 
 
@@ -159,11 +170,13 @@ async def sweep(
     is_active: Callable[[str], bool] | None = None,
     audit: AuditSink | None = None,
     actor: str = SYSTEM_ACTOR,
+    keyring: Keyring | None = None,
 ) -> SweepReport:
     """One pass: delete (or on a dry run, list) the expired recordings.
 
     ``audit`` receives one event per deletion (default: ``store.append_audit``);
-    ``is_active(recording_id)`` protects recordings being written right now.
+    ``is_active(recording_id)`` protects recordings being written right now;
+    ``keyring`` reads encrypted manifests.
     """
     from signalling.store import AuditEvent
 
@@ -171,7 +184,10 @@ async def sweep(
     sink = audit if audit is not None else (store.append_audit if store is not None else None)
     report = SweepReport(dry_run=dry_run)
     days_by_room: dict[str | None, int] = {}
-    for state in await asyncio.to_thread(scan, data_dir):
+    for state in await asyncio.to_thread(scan, data_dir, keyring):
+        if state.locked:
+            report.locked.append(state.id)
+            continue
         if (is_active is not None and is_active(state.id)) or not state.finished:
             report.incomplete.append(state.id)
             continue
@@ -209,6 +225,8 @@ async def sweep(
     for recording_id in report.incomplete:
         if is_active is None or not is_active(recording_id):
             log.warning("retention: recording %s is not sealed and stopped; kept", recording_id)
+    for locked_id in report.locked:
+        log.warning("retention: recording %s cannot be read (key not configured); kept", locked_id)
     if report.deleted and not dry_run:
         log.info("retention: %d expired recording(s) deleted", len(report.deleted))
     return report
@@ -235,8 +253,10 @@ class RetentionSweeper:
         retention_days: int,
         is_active: Callable[[str], bool] | None = None,
         interval: float = SWEEP_INTERVAL_S,
+        keyring: Keyring | None = None,
     ) -> None:
         self.data_dir = Path(data_dir)
+        self.keyring = keyring
         self.store = store
         self.retention_days = retention_days
         self.is_active = is_active
@@ -257,6 +277,7 @@ class RetentionSweeper:
                     self.store,
                     retention_days=self.retention_days,
                     is_active=self.is_active,
+                    keyring=self.keyring,
                 )
             except Exception:
                 log.exception("retention: sweep failed")

@@ -6,6 +6,14 @@ is written as ``….webm.part``, then closed, fsync'ed, hashed and renamed, and 
 then reported through ``on_segment``; a crash leaves at most one ``.part`` file
 per track (still mostly decodable) and loses nothing that was reported.
 
+Encryption at rest (a ``key`` given): a segment is muxed into memory, never to
+disk in the clear; when it is closed the whole file is encrypted
+(``recording.cipher``) and only the ciphertext is written, as ``….webm.part``,
+fsync'ed, hashed and renamed like a plain one.  The manifest's SHA-256 and size
+are those of the stored (encrypted) file, so ``verify`` needs no key.  A crash
+loses the segment in memory (at most ``3 × segment_seconds`` of the track),
+never anything reported, and leaves no plaintext behind.
+
 Threads: :meth:`TrackWriter.push` runs on the caller's thread (the event loop),
 decides where segments are cut (cheap integer comparisons) and appends to a
 bounded queue; all muxing, fsync and hashing run on a worker (a private
@@ -41,6 +49,9 @@ from av.container import InputContainer, OutputContainer
 from av.stream import Stream
 
 from media_server.packet import MediaPacket
+from recording.cipher import encrypt_bytes
+from recording.errors import RecordingError as RecordingError  # re-exported
+from recording.keyring import DataKey
 
 log = logging.getLogger(__name__)
 
@@ -53,10 +64,6 @@ _TRACK_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 _SEGMENT_NAME_RE = re.compile(r"^(\d{6})\.webm(\.part)?$")
 _CODECS: dict[str, str] = {"video": "vp8", "audio": "opus"}
 _HASH_CHUNK = 1 << 20
-
-
-class RecordingError(Exception):
-    """Base class of the recording package's errors."""
 
 
 def validate_track_id(track_id: str) -> str:
@@ -231,6 +238,7 @@ class _OpenSegment:
     container: OutputContainer
     stream: Stream
     start_pts: int
+    buffer: io.BytesIO | None = None  # encrypted recordings mux into memory
     packets: int = 0
     pending: MediaPacket | None = None
     last_interval: int = 0
@@ -257,6 +265,7 @@ class TrackWriter:
         executor: Executor | None = None,
         max_queue: int = 2000,
         clock: Callable[[], float] = time.time,
+        key: DataKey | None = None,
     ) -> None:
         if kind not in _CODECS:
             raise ValueError(f"kind must be 'audio' or 'video', not {kind!r}")
@@ -276,6 +285,7 @@ class TrackWriter:
         )
         self.max_segment_s = 3 * segment_seconds
         self.stats = WriterStats()
+        self.key = key
         self._on_segment = on_segment
         self._on_keyframe_needed = on_keyframe_needed
         self._clock = clock
@@ -543,7 +553,8 @@ class TrackWriter:
         final = self.directory / segment_relpath(self.track_id, index)
         final.parent.mkdir(parents=True, exist_ok=True)
         part = final.with_name(final.name + PARTIAL_SUFFIX)
-        container = av.open(str(part), "w", format="webm")
+        buffer = io.BytesIO() if self.key is not None else None
+        container = av.open(buffer if buffer is not None else str(part), "w", format="webm")
         try:
             stream = self._add_stream(container, packet)
         except Exception:
@@ -552,7 +563,7 @@ class TrackWriter:
         self._next_index += (
             1  # a failed open reuses the index; an abandoned segment keeps its .part
         )
-        return _OpenSegment(index, part, container, stream, start_pts=packet.pts)
+        return _OpenSegment(index, part, container, stream, start_pts=packet.pts, buffer=buffer)
 
     def _add_stream(self, container: OutputContainer, packet: MediaPacket) -> Stream:
         if self.kind == "video":
@@ -622,14 +633,25 @@ class TrackWriter:
                 log.exception("%s: on_segment failed for %d", self.track_id, info.index)
 
     def _seal_file(self, seg: _OpenSegment, end_pts: int) -> SegmentInfo:
-        """fsync, hash, rename ``.part`` → ``.webm``, fsync the directory."""
+        """fsync, hash, rename ``.part`` → ``.webm``, fsync the directory.
+
+        Encrypted: the muxed bytes in memory are encrypted and written to ``.part`` first.
+        """
         digest = hashlib.sha256()
         size = 0
-        with open(seg.part_path, "rb") as f:
-            while chunk := f.read(_HASH_CHUNK):
-                digest.update(chunk)
-                size += len(chunk)
-            os.fsync(f.fileno())
+        if seg.buffer is not None:
+            assert self.key is not None
+            sealed = encrypt_bytes(seg.buffer.getbuffer(), self.key)
+            seg.buffer = None
+            _write_synced(seg.part_path, sealed)
+            digest.update(sealed)
+            size = len(sealed)
+        else:
+            with open(seg.part_path, "rb") as f:
+                while chunk := f.read(_HASH_CHUNK):
+                    digest.update(chunk)
+                    size += len(chunk)
+                os.fsync(f.fileno())
         relpath = segment_relpath(self.track_id, seg.index)
         os.replace(seg.part_path, self.directory / relpath)
         _fsync_dir(seg.part_path.parent)
@@ -678,6 +700,17 @@ class TrackWriter:
                 self.stats.written,
                 self.stats.dropped_queue_full,
             )
+
+
+def _write_synced(path: Path, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _fsync_dir(path: Path) -> None:

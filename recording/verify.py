@@ -14,6 +14,12 @@ Status:
 
 Without a seal a truncated manifest cannot be told from a crash: only a seal
 proves the record is complete.
+
+Encrypted recordings verify without the encryption key: the chain hashes the
+entries as stored and the SHA-256 of a segment is that of the stored
+(encrypted) file, so the seal covers the ciphertext; AES-GCM then guarantees
+that what the key decrypts is what was written.  The report names the keys the
+recording is encrypted with (``encryption_keys``, from the clear headers).
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ from typing import Any, Literal
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from recording.errors import RecordingError
 from recording.manifest import (
     ENTRY_KEYS,
     ENTRY_TYPES,
@@ -46,6 +53,7 @@ from recording.segments import (
     parse_segment_name,
     segment_relpath,
 )
+from recording.storage import entry_key_id, file_key_id
 
 Status = Literal["intact", "incomplete", "altered"]
 Severity = Literal["altered", "incomplete", "note"]
@@ -75,6 +83,7 @@ class VerifyReport:
     sealed: bool = False
     signed_by: str | None = None  # key fingerprint of a valid seal
     segments_checked: int = 0
+    encryption_keys: list[str] = field(default_factory=list)  # key ids, empty: not encrypted
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -108,7 +117,29 @@ def verify_recording(
     _check_torn_tail(chain, report)
     listed = _check_segments(root, chain.entries, report)
     _check_unlisted(root, listed, report)
+    _note_keys(root, chain.entries, listed, report)
     return _finish(report)
+
+
+def _note_keys(
+    root: Path, entries: list[dict[str, Any]], listed: dict[str, SegmentInfo], report: VerifyReport
+) -> None:
+    keys: set[str] = set()
+    for entry in entries:
+        try:
+            key_id = entry_key_id(entry)
+        except RecordingError:
+            continue  # garbled: the chain check has said so
+        if key_id:
+            keys.add(key_id)
+    for info in listed.values():
+        try:
+            key_id = file_key_id(root / info.path)
+        except (OSError, RecordingError):
+            continue
+        if key_id:
+            keys.add(key_id)
+    report.encryption_keys = sorted(keys)
 
 
 def _finish(report: VerifyReport) -> VerifyReport:

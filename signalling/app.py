@@ -72,7 +72,10 @@ async def _sfu_ctx(app: web.Application) -> AsyncIterator[None]:
 async def _recordings_ctx(app: web.Application) -> AsyncIterator[None]:
     executor = ThreadPoolExecutor(max_workers=RECORDING_WORKERS, thread_name_prefix="recording")
     try:
-        app[RECORDINGS] = Recordings.open(app[SETTINGS].data_dir, executor=executor)
+        settings = app[SETTINGS]
+        app[RECORDINGS] = Recordings.open(
+            settings.data_dir, key_file=settings.recording_key_file, executor=executor
+        )
         yield
         await app[RECORDINGS].close()  # stops and seals what is still recording
     finally:
@@ -94,6 +97,7 @@ async def _retention_ctx(app: web.Application) -> AsyncIterator[None]:
         app[STORE],
         retention_days=settings.retention_days,
         is_active=app[RECORDINGS].is_active,
+        keyring=app[RECORDINGS].keyring,
     )
     sweeper.start()
     yield
@@ -139,6 +143,8 @@ def create_app(settings: Settings) -> web.Application:
     add_room_routes(app)
     add_recording_routes(app)
     from web.pages import setup_web
+    from web.playback import add_playback_routes
 
     setup_web(app)
+    add_playback_routes(app)
     return app

@@ -33,6 +33,7 @@ SERVE_SETTINGS = (
     "ice_servers",
     "log_level",
     "dev",
+    "recording_key_file",
 )
 
 
@@ -104,6 +105,12 @@ def _add_serve(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         type=int,
         help="days a finished recording is kept before it is deleted "
         "(default 0: forever; a room's retention_days setting overrides it)",
+    )
+    p.add_argument(
+        "--recording-key-file",
+        type=Path,
+        help="AES-256 keys (base64, one a line, the last one encrypts): recordings are "
+        "encrypted at rest (default: none, recordings are stored in the clear)",
     )
     p.add_argument("--media-mode", help=f"one of {', '.join(MEDIA_MODES)} (default forward)")
     p.add_argument(

@@ -198,7 +198,9 @@ async def start_render(request: web.Request) -> web.Response:
         if recordings.is_active(recording_id):
             raise KonsiliumError("the recording is still running", code="conflict", status=409)
         try:
-            job = request.app[RENDER_JOBS].start(recording_id, directory, **options)
+            job = request.app[RENDER_JOBS].start(
+                recording_id, directory, keyring=recordings.keyring, **options
+            )
         except RenderBusy as exc:
             raise KonsiliumError(str(exc), code="render_running", status=409) from None
     except KonsiliumError as exc:

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import sys
 
 from aiohttp import web
 
@@ -92,6 +93,14 @@ async def _run(settings: Settings) -> None:
 
 
 def serve(settings: Settings) -> int:
+    if settings.recording_key_file is not None:
+        from recording.keyring import EncryptionKeyError, Keyring
+
+        try:  # a bad key file is an operator's mistake: say so before anything starts
+            Keyring.load(settings.recording_key_file)
+        except EncryptionKeyError as exc:
+            print(f"konsilium: {exc}", file=sys.stderr)
+            return 2
     logging.basicConfig(
         level=getattr(logging, settings.log_level.upper(), logging.INFO),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

@@ -46,6 +46,7 @@ class Settings:
     log_level: str = "INFO"
     dev: bool = False
     token_key_file: Path | None = None
+    recording_key_file: Path | None = None  # AES-256 keys: recordings encrypted at rest
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -232,6 +233,7 @@ _CONVERTERS: dict[str, Callable[[object, bool], object]] = {
     "log_level": _to_upper,
     "dev": _to_bool,
     "token_key_file": _to_opt_path,
+    "recording_key_file": _to_opt_path,
 }
 
 
@@ -334,4 +336,5 @@ _CHECKS: dict[str, Callable[[object], None]] = {
     "log_level": _check_choice(LOG_LEVELS),
     "dev": _check_bool,
     "token_key_file": _check_opt_path,
+    "recording_key_file": _check_opt_path,
 }

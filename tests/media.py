@@ -11,6 +11,7 @@ import av
 from av import AudioFrame, VideoFrame
 
 from media_server.packet import AUDIO_TIME_BASE, VIDEO_TIME_BASE, MediaPacket
+from recording.keyring import DataKey
 from recording.manifest import Manifest
 from recording.segments import Kind, SegmentInfo, TrackWriter
 
@@ -68,8 +69,12 @@ def write_track(
     kind: Kind,
     packets: Iterable[MediaPacket],
     offset: float = 0.0,
+    key: DataKey | None = None,
 ) -> None:
-    """One participant's camera or microphone track, starting ``offset`` s into the session."""
+    """One participant's camera or microphone track, starting ``offset`` s into the session.
+
+    With ``key`` the segments are encrypted at rest (as the Recorder does with a keyring).
+    """
     track_id = f"{pid}.{'camera' if kind == 'video' else 'microphone'}"
 
     def on_segment(info: SegmentInfo) -> None:
@@ -83,6 +88,7 @@ def write_track(
         SESSION_START + offset,
         segment_seconds=2.0,
         on_segment=on_segment,
+        key=key,
     )
     first = True
     for packet in packets:

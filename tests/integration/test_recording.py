@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,11 @@ from fhir.resources.R4B.encounter import Encounter
 
 from media_server.bot import Bot
 from media_server.clip import Clip
+from recording.cipher import MAGIC
+from recording.keyring import Keyring
 from recording.manifest import MANIFEST_NAME, RecordingKeys, read_entries
+from recording.storage import open_media
+from recording.storage import read_entries as read_entries_decrypted
 from recording.verify import verify_recording
 from tests.services import KonsiliumServer
 
@@ -80,6 +85,22 @@ def _track_end_s(directory: Path, segments: list[dict[str, Any]]) -> tuple[float
                 frames += len(packet.decode())
     assert first is not None
     return first, end, frames
+
+
+def _played_s(path: Path) -> tuple[float, float, int]:
+    """Decode a composite: (end of its video, end of its audio, video frames decoded)."""
+    video_end = audio_end = 0.0
+    frames = 0
+    with av.open(str(path)) as container:
+        fps = float(container.streams.video[0].average_rate or 10)
+        for frame in container.decode(video=0, audio=0):
+            assert frame.time is not None
+            if isinstance(frame, av.VideoFrame):
+                frames += 1
+                video_end = max(video_end, frame.time + 1 / fps)
+            elif isinstance(frame, av.AudioFrame):
+                audio_end = max(audio_end, frame.time + frame.samples / frame.sample_rate)
+    return video_end, audio_end, frames
 
 
 async def _sent(bots: list[RecBot]) -> dict[str, tuple[int, int]]:
@@ -189,6 +210,20 @@ async def test_council_recording_with_late_joiner_and_leaver(
     report = verify_recording(directory, public_key)
     assert report.status == "intact", report.problems
     assert report.segments_checked == len(by_type["segment"])
+
+    # the composite, rendered with the CLI: it plays, and lasts as long as the recording
+    composite = tmp_path / "composite.webm"
+    done = _konsilium(
+        "render", directory.name, "--out", str(composite), "--size", "320x180", "--fps", "10",
+        "--quiet", "--data-dir", str(server.data_dir),
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    times = {e["type"]: datetime.fromisoformat(e["at"]) for e in entries if e["type"] != "event"}
+    recorded = (times["recording_stopped"] - times["recording_started"]).total_seconds()
+    video_end, audio_end, frames = _played_s(composite)
+    assert frames >= 10 * (recorded - 0.5), (frames, recorded)
+    assert abs(video_end - recorded) <= 0.5, f"video {video_end:.2f} s, recorded {recorded:.2f} s"
+    assert abs(audio_end - recorded) <= 0.5, f"audio {audio_end:.2f} s, recorded {recorded:.2f} s"
 
     # REST: listed, verified (and the public key is published)
     async with aiohttp.ClientSession(headers=ADMIN) as http:
@@ -329,3 +364,93 @@ async def test_rest_start_with_consent_required_stop_and_refusals(
             summary = await resp.json()
         assert summary["consultation_id"] == "cons-1" and summary["sealed"] is True
         assert summary["participants"] == 1 and summary["active"] is False
+
+
+async def _poll_render(http: aiohttp.ClientSession, url: str) -> dict[str, Any]:
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        async with http.get(url) as resp:
+            job: dict[str, Any] = await resp.json()
+        if job["status"] != "running":
+            return job
+        await asyncio.sleep(0.2)
+    raise AssertionError("render still running")
+
+
+async def test_encrypted_recording_verifies_without_the_key_and_reads_with_it(
+    tmp_path: Path, clip: Clip
+) -> None:
+    key_file = tmp_path / "recording.keys"
+    made = _konsilium("new-key", "--recording-key-file", str(key_file), "--data-dir", str(tmp_path))
+    assert made.returncode == 0, made.stderr
+    keyring = Keyring.load(key_file)
+    extra = ("--recording-key-file", str(key_file))
+    with KonsiliumServer(tmp_path / "data", extra_args=extra) as server:
+        chair = await _bot(server, clip, "chair", RECORD)
+        other = await _bot(server, clip, "other", ("join", "publish", "subscribe"))
+        try:
+            assert await chair.wait_until(lambda: chair.stats.frames_from("other") > 10, 10)
+            await chair.send({"type": "recording_start", "patient_ref": "Patient/p-42"})
+            assert await chair.wait_until(lambda: chair.got("recording_started"), 5)
+            await asyncio.sleep(5.0)
+            await chair.send({"type": "recording_stop"})
+            assert await chair.wait_until(lambda: chair.got("recording_stopped"), 10)
+        finally:
+            await chair.stop()
+            await other.stop()
+        directory = _recording_dir(server)
+
+        # on disk: ciphertext only, no EBML/WebM, no names, clinics or patient
+        files = [p for p in (directory / "tracks").rglob("*") if p.is_file()]
+        assert len(files) >= 4 and not [p for p in files if p.name.endswith(".part")]
+        for path in files:
+            stored = path.read_bytes()
+            assert stored.startswith(MAGIC), path
+            assert b"\x1a\x45\xdf\xa3" not in stored and b"webm" not in stored, path
+        journal = (directory / MANIFEST_NAME).read_text(encoding="utf-8")
+        for secret in ("Участник chair", "Участник other", "ЦРБ", "Patient/p-42", "room-1"):
+            assert secret not in journal
+
+        # verify needs no key (this environment has none configured): intact, key named
+        done = _konsilium("verify", directory.name, "--data-dir", str(server.data_dir))
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert "intact" in done.stdout and keyring.active.id in done.stdout
+
+        # every track decodes through the decrypting reader
+        entries = read_entries_decrypted(directory, keyring)
+        names = [e["data"]["name"] for e in entries if e["type"] == "participant"]
+        assert names == ["Участник chair", "Участник other"]
+        segments = [e["data"] for e in entries if e["type"] == "segment"]
+        for track_id in {s["track_id"] for s in segments}:
+            frames = 0
+            for seg in (s for s in segments if s["track_id"] == track_id):
+                with (
+                    open_media(directory / seg["path"], keyring) as f,
+                    av.open(f, "r") as container,
+                ):
+                    frames += sum(1 for _ in container.decode(container.streams[0]))
+            assert frames > 0, track_id
+
+        # the composite, rendered by the server: encrypted on disk, plays through the reader
+        url = f"{server.url}/api/recordings/{directory.name}/render"
+        async with aiohttp.ClientSession(headers=ADMIN) as http:
+            async with http.post(url, json={"width": 320, "height": 180, "fps": 10}) as resp:
+                assert resp.status == 202, await resp.text()
+            job = await _poll_render(http, url)
+        assert job["status"] == "done", job
+        composite = directory / "composite.webm"
+        assert composite.read_bytes().startswith(MAGIC)
+        with open_media(composite, keyring) as f, av.open(f, "r") as container:
+            assert container.duration is not None
+            assert abs(container.duration / 1e6 - job["duration_s"]) < 0.5
+            assert job["size"] == f.seek(0, os.SEEK_END)
+
+        # export needs the key: the CLI reads it from the flag (or the setting)
+        out = tmp_path / "bundle.json"
+        data = ("--data-dir", str(server.data_dir))
+        done = _konsilium("export", directory.name, "--fhir", "--out", str(out), *data)
+        assert done.returncode == 3 and keyring.active.id in done.stderr
+        done = _konsilium("export", directory.name, "--fhir", "--out", str(out), *data, *extra)
+        assert done.returncode == 0, done.stderr
+        bundle = Bundle.model_validate(json.loads(out.read_text()))
+        assert "Участник chair" in out.read_text() and bundle.entry

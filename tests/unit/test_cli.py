@@ -196,3 +196,18 @@ def test_bot_without_the_media_bot_says_so(
     assert code == 1
     assert out == ""
     assert err.startswith("konsilium bot: the media bot is not available")
+
+
+def test_serve_with_a_bad_recording_key_file_says_so_in_one_line(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    key_file = tmp_path / "keys"
+    key_file.write_text("not a key\n")
+    key_file.chmod(0o600)
+    code = cli.main(
+        ["serve", "--data-dir", str(tmp_path / "data"), "--recording-key-file", str(key_file)]
+    )
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith("konsilium: ") and err.count("\n") == 1
+    assert "Traceback" not in err

@@ -75,6 +75,7 @@ ESTIMATOR = EstimatorConfig(
     ceiling_bps=20_000_000,
     loss_increase_below=0.05,
     remb_recovery_fraction=0.7,
+    delivered_floor_share=0.9,
 )
 
 

@@ -37,7 +37,9 @@ and held with hysteresis, down fast and up slowly:
   or two reports about the same burst, do not compound into a collapse.  The
   first report with heavy loss acts immediately.
 * **2 % <= loss <= 10 %** — hold: nothing changes, and the "good" clock restarts.
-* **loss < 2 %** — once every report for the last ``increase_after_s`` (2 s)
+* **loss < 2 %** — the estimate is at least ``delivered_floor_share`` of the
+  delivered rate (what the link just carried cleanly; off by default), and
+  once every report for the last ``increase_after_s`` (2 s)
   has been below 2 %, the estimate may rise, by at most 8 % per second
   (compounded over the elapsed time), and never above the last REMB.  A REMB
   older than ``remb_max_age_s`` (5 s) no longer caps the rise: aiortc
@@ -88,6 +90,8 @@ class EstimatorConfig:
     remb_recovery_per_s: float = 0.5
     remb_max_age_s: float = 5.0  # an older REMB no longer caps the rise
     min_loss_packets: int = 20  # pool report blocks until they cover this many packets
+    # a clean report raises the estimate to this share of the delivered rate (0 = off)
+    delivered_floor_share: float = 0.0
 
     def __post_init__(self) -> None:
         if not 0 < self.floor_bps <= self.initial_bps <= self.ceiling_bps:
@@ -187,8 +191,10 @@ class BandwidthEstimator:
         elif loss >= cfg.loss_increase_below:
             self._good_since = None
             self._last_change = "hold"
-        elif self._good_since is None:
-            self._good_since = now
+        else:
+            if self._good_since is None:
+                self._good_since = now
+            self._raise_to_delivered(now)
 
     def on_delivered(self, nbytes: int, now: float) -> None:
         """Bytes handed to the subscriber's transport at ``now``."""
@@ -269,6 +275,22 @@ class BandwidthEstimator:
         new = min(cap, grown)
         if new > self._estimate:
             self._set(new, "increase")
+
+    def _raise_to_delivered(self, now: float) -> None:
+        """A link that carried what we sent, without loss, carries at least that.
+
+        After a deep cut (a link drop, EDGE) the estimate can sit far below what
+        the subscriber is receiving cleanly again (its audio, say); climbing from
+        there at 8 %/s would take half a minute.  Never above the REMB's cap: a
+        REMB below the delivered rate is a receiver seeing a queue.
+        """
+        share = self.config.delivered_floor_share
+        delivered = self.delivered_bps(now)
+        if share <= 0 or delivered is None:
+            return
+        target = min(self._cap(now), share * delivered)
+        if target > self._estimate:
+            self._set(target, "increase")
 
     def _remb_recovery_target(self) -> float | None:
         fraction = self.config.remb_recovery_fraction

@@ -185,3 +185,27 @@ def test_a_report_covering_no_packets_only_updates_rtt() -> None:
     est.on_receiver_report(1.0, 0.7, 1.0, expected=0)
     assert est.estimate_bps(1.0) == 300_000
     assert est.snapshot(1.0).rtt_s == pytest.approx(0.7)
+
+
+def test_a_clean_report_lifts_a_deep_cut_to_what_is_delivered() -> None:
+    est = BandwidthEstimator(EstimatorConfig(initial_bps=60_000, delivered_floor_share=0.9))
+    deliver(est, 300_000, 0.0, 2.0)  # the link carries 300 kbit/s of audio cleanly
+    delivered = est.delivered_bps(2.0)
+    assert delivered is not None and delivered > 250_000
+    est.on_receiver_report(0.0, 0.05, 2.0, expected=100)
+    assert est.estimate_bps(2.0) == pytest.approx(0.9 * delivered, rel=0.01)
+
+
+def test_the_delivered_floor_respects_a_lower_remb() -> None:
+    est = BandwidthEstimator(EstimatorConfig(initial_bps=60_000, delivered_floor_share=0.9))
+    deliver(est, 300_000, 0.0, 2.0)
+    est.on_remb(100_000, 1.9)
+    est.on_receiver_report(0.0, 0.05, 2.0, expected=100)
+    assert est.estimate_bps(2.0) <= 100_000
+
+
+def test_the_delivered_floor_is_off_by_default() -> None:
+    est = BandwidthEstimator(EstimatorConfig(initial_bps=60_000))
+    deliver(est, 300_000, 0.0, 2.0)
+    est.on_receiver_report(0.0, 0.05, 2.0, expected=100)
+    assert est.estimate_bps(2.0) == 60_000

@@ -35,6 +35,7 @@ from typing import Any
 import aiohttp
 
 from media_server.clip import load_clip
+from recording.keyring import append_new_key
 
 from .bot_workers import BotSpec, BotWorkers
 from .cpu import ProcessCpu, median, percentile
@@ -90,11 +91,16 @@ class RoomResult:
 async def run_room(
     mode: str, n: int, seconds: float, settle: float, audio: bool, workers: int
 ) -> RoomResult:
-    """``mode``: forward | reencode | record (forward, with every track recorded)."""
-    record = mode == "record"
+    """``mode``: forward | reencode | record (forward, with every track recorded)
+    | record-encrypted (the same, encrypted at rest with a fresh key)."""
+    record = mode.startswith("record")
     server_mode = "forward" if record else mode
     data_dir = Path(tempfile.mkdtemp(prefix=f"konsilium-bench-{mode}-{n}-"))
-    extra = ("--media-mode", server_mode, "--log-level", "WARNING")
+    extra: tuple[str, ...] = ("--media-mode", server_mode, "--log-level", "WARNING")
+    if mode == "record-encrypted":
+        key_file = data_dir / "recording.keys"
+        append_new_key(key_file)
+        extra += ("--recording-key-file", str(key_file))
     with KonsiliumServer(data_dir, extra_args=extra) as srv:
         pool = BotWorkers(max(1, min(workers, n)))
         try:
@@ -273,6 +279,8 @@ def main_plan(args: argparse.Namespace) -> list[RoomResult]:
     results: list[RoomResult] = []
     plan = [("forward", n) for n in args.sizes] + [("reencode", n) for n in args.reference_sizes]
     plan += [("record", n) for n in args.record_sizes]
+    if args.encrypted:
+        plan += [("record-encrypted", n) for n in args.record_sizes]
     for mode, n in plan:
         print(f"running {mode} N={n} for {args.seconds:.0f} s ...", flush=True)
         result = run_room_isolated(mode, n, args)
@@ -281,12 +289,13 @@ def main_plan(args: argparse.Namespace) -> list[RoomResult]:
     print("\nsummary")
     print_table(results)
     forward = {r.n: r for r in results if r.mode == "forward"}
-    for rec in (r for r in results if r.mode == "record"):
+    for rec in (r for r in results if r.mode.startswith("record")):
         fwd = forward.get(rec.n)
         if fwd is not None:
             print(
-                f"N={rec.n}: recording every track costs {rec.server_cpu - fwd.server_cpu:+.1f} "
-                f"% of a core ({rec.server_cpu:.1f} % vs {fwd.server_cpu:.1f} % unrecorded)"
+                f"N={rec.n}: {rec.mode} of every track costs "
+                f"{rec.server_cpu - fwd.server_cpu:+.1f} % of a core "
+                f"({rec.server_cpu:.1f} % vs {fwd.server_cpu:.1f} % unrecorded)"
             )
     for ref in (r for r in results if r.mode == "reencode"):
         fwd = forward.get(ref.n)
@@ -315,6 +324,11 @@ def main(argv: list[str] | None = None) -> int:
         nargs="*",
         default=[],
         help="also run these sizes with every track recorded (issue 4 cost)",
+    )
+    parser.add_argument(
+        "--encrypted",
+        action="store_true",
+        help="also run the record sizes with recordings encrypted at rest",
     )
     parser.add_argument("--workers", type=int, default=2, help="bot processes")
     parser.add_argument("--json", type=Path, help="also write results here")

@@ -179,7 +179,8 @@ class Bot:
         ws_url = self.url.replace("http://", "ws://").replace("https://", "wss://") + "/ws"
         self._ws = await self._session.ws_connect(ws_url, heartbeat=None)
         await self._send({"type": "join", "v": 1, "room": self.room, "token": self._token})
-        self._spawn(self._read_loop())
+        self._reader = asyncio.ensure_future(self._read_loop())
+        self._tasks.add(self._reader)
         joined = asyncio.ensure_future(self._joined.wait())
         try:
             await asyncio.wait_for(asyncio.shield(joined), timeout)
@@ -233,6 +234,15 @@ class Bot:
                 await self._send({"type": "leave"})
             await self._ws.close()
         await self._close_media()
+
+    def stop_reading_signalling(self) -> None:
+        """The WebSocket goes quiet without closing: nothing is read, pings go unanswered.
+
+        Media keeps flowing: a satellite link whose TCP is stuck while RTP gets through.
+        """
+        reader = getattr(self, "_reader", None)
+        if reader is not None:
+            reader.cancel()
 
     async def kill(self) -> None:
         """Vanish without saying goodbye (socket and media just stop)."""

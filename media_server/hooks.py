@@ -22,6 +22,8 @@ subscriber sends to one of our senders.  The seams used here:
   NACKs before aiortc retransmits (it resends every listed packet, every time).
 * ``RTCRtpSender._ssrc`` — the sender's media SSRC; ``RTCRtpSender.__rtt`` —
   the RTT aiortc derives from receiver reports.
+* ``RTCDtlsTransport.__rx_packets`` — packets received, a sign of life of a
+  participant's link (see :func:`packets_received`).
 * ``RTCDtlsTransport._rx_srtp`` / ``._handle_rtp_data`` — only for the
   benchmark's light viewers (see :func:`count_rtp_headers`).
 * ``aiortc.clock.current_ntp_time`` / ``current_ms`` — replaced by faster
@@ -50,7 +52,7 @@ from typing import Any
 import aiortc.clock as aiortc_clock
 import aiortc.rtcrtpreceiver as _receiver_module
 from aioice.ice import StunProtocol
-from aiortc import RTCRtpReceiver, RTCRtpSender
+from aiortc import RTCPeerConnection, RTCRtpReceiver, RTCRtpSender
 from aiortc.jitterbuffer import JitterBuffer, JitterFrame
 from aiortc.rtp import (
     RTCP_PSFB_APP,
@@ -396,6 +398,29 @@ class _HeaderOnlySrtp:
         return bytes(self._real.unprotect_rtcp(data))
 
 
+def packets_received(pc: RTCPeerConnection | None) -> int:
+    """Every packet (RTP, RTCP, DTLS) that arrived on ``pc``'s transports.
+
+    Reads ``RTCDtlsTransport.__rx_packets`` (what aiortc's transport stats report
+    as ``packetsReceived``); signalling uses it as a sign that a participant's
+    link is alive while its WebSocket is slow.
+    """
+    if pc is None:
+        return 0
+    total = 0
+    seen: set[int] = set()
+    for transceiver in pc.getTransceivers():
+        transport = transceiver.receiver.transport
+        if transport is None or id(transport) in seen:
+            continue
+        seen.add(id(transport))
+        total += int(getattr(transport, _DTLS_RX_PACKETS_ATTR, 0))
+    return total
+
+
+_DTLS_RX_PACKETS_ATTR = "_RTCDtlsTransport__rx_packets"
+
+
 def count_rtp_headers(dtls_transport: Any, on_rtp: Callable[[bytes], None]) -> None:
     """Load generators only: hand each incoming SRTP packet's bytes to ``on_rtp`` undecrypted.
 
@@ -557,6 +582,8 @@ def check_hooks() -> None:
     recv_names = RTCDtlsTransport._recv_next.__code__.co_names
     if not {"_rx_srtp", "unprotect", "_handle_rtp_data"} <= set(recv_names):
         raise HookError("RTCDtlsTransport._recv_next no longer uses _rx_srtp/_handle_rtp_data")
+    if _DTLS_RX_PACKETS_ATTR not in RTCDtlsTransport._recv_next.__code__.co_names:
+        raise HookError("RTCDtlsTransport no longer counts __rx_packets: liveness is blind")
     for name in ("current_ntp_time", "current_ms"):
         if not callable(getattr(aiortc_clock, name, None)):
             raise HookError(f"aiortc.clock.{name} is gone: the fast clock cannot replace it")

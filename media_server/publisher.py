@@ -8,6 +8,7 @@ from collections.abc import Callable, Mapping
 
 from aiortc import MediaStreamTrack, RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 
+from . import hooks
 from .errors import BadSdp, NegotiationError
 from .forwarder import Forwarder, TrackInfo
 from .rtc import offered_media, prefer_forwardable_codecs
@@ -109,6 +110,10 @@ class PublisherConnection:
         if pc is not None and pc.connectionState == "failed" and not self._closed:
             logger.info("%r: peer connection failed", self)
             self._on_failed()
+
+    def packets_received(self) -> int:
+        """Packets that arrived from the publisher (a sign its link is alive)."""
+        return hooks.packets_received(self._pc)
 
     async def close(self) -> None:
         if self._closed:

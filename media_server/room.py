@@ -66,6 +66,14 @@ class MediaParticipant:
             raise NegotiationError("participant does not subscribe")
         await self.subscriber.handle_answer(sdp)
 
+    def packets_received(self) -> int:
+        """Everything that arrived on the participant's peer connections so far."""
+        total = 0
+        for connection in (self.publisher, self.subscriber):
+            if connection is not None:
+                total += connection.packets_received()
+        return total
+
     async def close(self) -> None:
         if self.closed:
             return

@@ -193,6 +193,10 @@ class SubscriberConnection:
         if video_layer is not None:
             await video_layer(info.to_json(mid), choice.layer, choice.reason)
 
+    def packets_received(self) -> int:
+        """Packets (RTCP reports, mostly) that arrived from the subscriber."""
+        return hooks.packets_received(self._pc)
+
     async def close(self) -> None:
         if self._closed:
             return

@@ -9,12 +9,13 @@ import logging
 import time
 from typing import Any
 
-from aiohttp import WSCloseCode, WSMsgType, web
+from aiohttp import WSCloseCode, WSMessage, WSMsgType, web
 
 from media_server.errors import MediaError
 
 from .auth import AuthError, Grant, TokenAuthority
 from .errors import KonsiliumError
+from .liveness import CHECK_EVERY_S, Liveness, Verdict
 from .protocol import (
     MAX_MESSAGE_BYTES,
     PROTOCOL_VERSION,
@@ -38,12 +39,13 @@ from .store import AuditEvent, Store
 logger = logging.getLogger(__name__)
 
 JOIN_TIMEOUT_S = 10.0
-HEARTBEAT_S = 3.0
 MAX_BAD_MESSAGES = 10
 CLOSE_BAD_INPUT = 4400
 CLOSE_UNAUTHENTICATED = 4401
 CLOSE_FORBIDDEN = 4403
 CLOSE_TIMEOUT = 4408
+CLOSE_LINK_LOST = 4410
+CLOSE_WAIT_S = 2.0  # how long a close waits for the peer's close frame
 
 _AUTH_CLOSE = {"wrong_room": CLOSE_FORBIDDEN, "forbidden": CLOSE_FORBIDDEN}
 _session_ids = itertools.count(1)
@@ -69,6 +71,7 @@ class Session:
         self._bad_messages = 0
         self._leave_reason = "disconnected"
         self._closing: asyncio.Future[bool] | None = None
+        self.liveness = Liveness(time.monotonic(), self._media_packets)
 
     def __repr__(self) -> str:
         return f"Session({self.label})"
@@ -96,7 +99,11 @@ class Session:
                 return
             if not await self._authenticate(join):
                 return
-            await self._loop()
+            watchdog = asyncio.create_task(self._watch(), name=f"{self.label} liveness")
+            try:
+                await self._loop()
+            finally:
+                watchdog.cancel()
         finally:
             participant, self.participant = self.participant, None
             if participant is not None:
@@ -109,6 +116,8 @@ class Session:
             # an overall deadline: aiohttp restarts receive(timeout) on every heartbeat pong
             async with asyncio.timeout(JOIN_TIMEOUT_S):
                 msg = await self.ws.receive()
+                while await self._control(msg):
+                    msg = await self.ws.receive()
         except TimeoutError:
             await self.kick("join_timeout", "no join message within 10 s", CLOSE_TIMEOUT)
             return None
@@ -154,8 +163,43 @@ class Session:
             self.ws.close(code=WSCloseCode.GOING_AWAY, message=b"media failed")
         )
 
+    async def _control(self, msg: WSMessage) -> bool:
+        """A sign of life; answers pings (autoping is off). True for ping/pong frames."""
+        self.liveness.heard(time.monotonic())
+        if msg.type == WSMsgType.PING:
+            with contextlib.suppress(ConnectionError, RuntimeError):
+                await self.ws.pong(msg.data)
+            return True
+        return msg.type == WSMsgType.PONG
+
+    def _media_packets(self) -> int:
+        participant = self.participant
+        media = participant.media if participant is not None else None
+        return media.packets_received() if media is not None else 0
+
+    async def _watch(self) -> None:
+        """Close the socket of a link that stopped answering (see signalling.liveness)."""
+        while not self.ws.closed:
+            await asyncio.sleep(CHECK_EVERY_S)
+            now = time.monotonic()
+            verdict = self.liveness.check(now)
+            if verdict is Verdict.PING:
+                with contextlib.suppress(ConnectionError, RuntimeError):
+                    await self.ws.ping()
+            elif verdict is Verdict.DEAD:
+                logger.info(
+                    "%r: link lost: nothing on the websocket for %.1f s",
+                    self,
+                    self.liveness.silence(now),
+                )
+                self._leave_reason = "disconnected"
+                await self.ws.close(code=CLOSE_LINK_LOST, message=b"link lost")
+                return
+
     async def _loop(self) -> None:
         async for msg in self.ws:
+            if await self._control(msg):
+                continue
             if msg.type == WSMsgType.TEXT:
                 if not await self._handle_text(msg.data):
                     break
@@ -283,7 +327,8 @@ def _ref(message: ClientMessage) -> str:
 async def websocket_handler(request: web.Request) -> web.WebSocketResponse:
     from .appkeys import ROOMS, STORE, TOKENS
 
-    ws = web.WebSocketResponse(heartbeat=HEARTBEAT_S, max_msg_size=MAX_MESSAGE_BYTES)
+    # no aiohttp heartbeat: it drops a link whose pong is 1.5 s late (see signalling.liveness)
+    ws = web.WebSocketResponse(autoping=False, timeout=CLOSE_WAIT_S, max_msg_size=MAX_MESSAGE_BYTES)
     await ws.prepare(request)
     session = Session(ws, request.app[ROOMS], request.app[TOKENS], request.app[STORE])
     await session.run()

@@ -119,6 +119,10 @@ class BotStats:
         }
 
 
+VOICE_DBOV = -20  # the audio level a speaking bot puts on its packets
+SILENCE_DBOV = -127
+
+
 class Bot:
     def __init__(
         self,
@@ -133,6 +137,7 @@ class Bot:
         light: bool = False,
         link: LinkEmulator | None = None,
         ice_urls: Sequence[str] = (),
+        speaking: bool | None = None,
     ) -> None:
         self.url = url.rstrip("/")
         self.room = room
@@ -143,6 +148,9 @@ class Bot:
         self._remb = remb
         self._light = light
         self.link = link  # an emulated link (both connections share it), see media_server.linkemu
+        # None: no audio levels on our packets (as aiortc sends pre-encoded audio);
+        # True/False: RFC 6464 levels of a voice (-20 dBov) or of silence, switchable
+        self.speaking = speaking
         self._ssrc_mid: dict[int, str] = {}
         self._seq: dict[int, tuple[int, bool]] = {}  # ssrc -> (next seq, gap since last marker)
         self._config = rtc_configuration(ice_urls)
@@ -215,6 +223,8 @@ class Bot:
             hooks.tap_sender(
                 transceiver.sender, hooks.SenderFeedback(on_keyframe_request=track.request_keyframe)
             )
+            if source == "microphone" and self.speaking is not None:
+                hooks.send_audio_levels(transceiver.sender, self._voice_level)
             tracks.append((transceiver, source))
         await pc.setLocalDescription(await pc.createOffer())
         await self._send(
@@ -234,6 +244,9 @@ class Bot:
                 await self._send({"type": "leave"})
             await self._ws.close()
         await self._close_media()
+
+    def _voice_level(self) -> int:
+        return VOICE_DBOV if self.speaking else SILENCE_DBOV
 
     def stop_reading_signalling(self) -> None:
         """The WebSocket goes quiet without closing: nothing is read, pings go unanswered.

@@ -75,6 +75,11 @@ class Forwarder:
     def __repr__(self) -> str:
         return f"Forwarder({self.info.id})"
 
+    def voice_activity(self, now: float) -> float:
+        """Share of the last second's audio packets that carried voice (0 for video)."""
+        meter = hooks.audio_level_of(self._track)
+        return 0.0 if meter is None else meter.activity(now)
+
     def start(self) -> None:
         if self._task is None:
             self._task = asyncio.ensure_future(self._run())

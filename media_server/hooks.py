@@ -20,6 +20,10 @@ subscriber sends to one of our senders.  The seams used here:
   the DTLS transport looks up on the instance for every packet; wrapped per
   instance to observe PLI/FIR, REMB and receiver reports, and to thin out
   NACKs before aiortc retransmits (it resends every listed packet, every time).
+* ``RTCRtpReceiver._handle_rtp_packet`` — wrapped per audio receiver to read
+  each packet's RFC 6464 audio level (active speaker, :mod:`speaker`).
+* ``RTCRtpSender._next_encoded_frame`` — wrapped per bot sender to put an
+  audio level on pre-encoded Opus (:func:`send_audio_levels`).
 * ``RTCRtpSender._ssrc`` — the sender's media SSRC; ``RTCRtpSender.__rtt`` —
   the RTT aiortc derives from receiver reports.
 * ``RTCDtlsTransport.__rx_packets`` — packets received, a sign of life of a
@@ -67,6 +71,7 @@ from aiortc.rtp import (
 )
 
 from .packet import MediaPacket, is_keyframe
+from .speaker import AudioLevel
 
 logger = logging.getLogger(__name__)
 
@@ -269,10 +274,62 @@ def install_passthrough() -> None:
             current = getattr(self, _JITTER_BUFFER_ATTR, None)
             if media[0].startswith("video/") and type(current) is JitterBuffer:
                 setattr(self, _JITTER_BUFFER_ATTR, GapSkippingJitterBuffer(current.capacity))
+            if media[0].startswith("audio/"):
+                _meter_audio_levels(self)
         await original(self, parameters)
 
     setattr(RTCRtpReceiver, _ORIGINAL_RECEIVE, original)
     RTCRtpReceiver.receive = receive  # type: ignore[method-assign]
+
+
+_AUDIO_LEVEL_ATTR = "_konsilium_audio_level"
+
+
+def _meter_audio_levels(receiver: RTCRtpReceiver) -> None:
+    """Feed each packet's RFC 6464 level to an AudioLevel kept on the remote track.
+
+    Wraps ``RTCRtpReceiver._handle_rtp_packet`` on the instance (the DTLS
+    transport's router looks it up there); ``RtpPacket.extensions.audio_level``
+    is ``(voice, level)`` once the extension is negotiated.
+    """
+    track = receiver._track
+    if track is None or getattr(track, _AUDIO_LEVEL_ATTR, None) is not None:
+        return
+    meter = AudioLevel()
+    setattr(track, _AUDIO_LEVEL_ATTR, meter)
+    handle = receiver._handle_rtp_packet
+
+    async def metered(packet: Any, arrival_time_ms: int) -> None:
+        level = packet.extensions.audio_level
+        if level is not None:
+            meter.add(int(level[1]), time.monotonic())
+        await handle(packet, arrival_time_ms)
+
+    receiver._handle_rtp_packet = metered  # type: ignore[method-assign]
+
+
+def audio_level_of(track: Any) -> AudioLevel | None:
+    """The voice activity meter of a received audio track (None for others)."""
+    meter = getattr(track, _AUDIO_LEVEL_ATTR, None)
+    return meter if isinstance(meter, AudioLevel) else None
+
+
+def send_audio_levels(sender: RTCRtpSender, level_dbov: Callable[[], int]) -> None:
+    """Put an RFC 6464 level on every audio packet ``sender`` sends (bots).
+
+    aiortc computes the level only for audio it encodes itself; for pre-encoded
+    packets ``RTCEncodedFrame.audio_level`` is None.  ``level_dbov``: 0 (loudest)
+    down to -127 (silence).
+    """
+    next_frame = sender._next_encoded_frame
+
+    async def with_level(codec: Any) -> Any:
+        frame = await next_frame(codec)
+        if frame is not None:
+            frame.audio_level = level_dbov()
+        return frame
+
+    sender._next_encoded_frame = with_level  # type: ignore[method-assign]
 
 
 def uninstall_passthrough() -> None:
@@ -596,6 +653,8 @@ def check_hooks() -> None:
         raise HookError("aioice StunProtocol.connection_made is gone: buffers cannot be sized")
     if _SENDER_RTT_ATTR not in RTCRtpSender._handle_rtcp_packet.__code__.co_names:
         raise HookError("RTCRtpSender no longer keeps __rtt from receiver reports")
+    if "audio_level" not in RTCRtpSender._run_rtp.__code__.co_names:
+        raise HookError("RTCRtpSender no longer writes RTCEncodedFrame.audio_level")
     sender_names = RTCRtpSender._next_encoded_frame.__code__.co_names
     if "pack" not in sender_names:
         raise HookError("RTCRtpSender no longer packs pre-encoded packets")

@@ -82,6 +82,10 @@ MESSAGES: dict[str, dict[str, str]] = {
             "Камера и микрофон недоступны: другие участники вас не видят и не слышат. "
             "Проверьте разрешения браузера и подключение устройств."
         ),
+        "insecure_context": (
+            "Камера и микрофон работают только на защищённой странице: откройте ссылку "
+            "с https:// (или попросите администратора настроить HTTPS)."
+        ),
         "camera_unavailable": "Камера недоступна: вы участвуете только со звуком.",
         "webrtc_unsupported": (
             "Этот браузер не поддерживает видеосвязь (WebRTC). "
@@ -299,6 +303,10 @@ MESSAGES: dict[str, dict[str, str]] = {
         "media_unavailable": (
             "Camera and microphone are unavailable: the others cannot see or hear you. "
             "Check the browser permissions and that the devices are connected."
+        ),
+        "insecure_context": (
+            "The camera and microphone only work on a secure page: open the link with "
+            "https:// (or ask the administrator to set up HTTPS)."
         ),
         "camera_unavailable": "The camera is unavailable: you take part with audio only.",
         "webrtc_unsupported": (

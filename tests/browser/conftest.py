@@ -7,14 +7,19 @@ A missing Chromium is a failure, not a skip, so CI cannot silently test nothing.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import shlex
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from playwright.async_api import Browser, BrowserContext, ConsoleMessage, Page, async_playwright
+
+from media_server.linkemu import ShapedNamespace, cleanup_stale
+from tests.services import KonsiliumServer
 
 CHROMIUM = Path("/usr/bin/chromium")
 
@@ -30,6 +35,10 @@ CHROMIUM_ARGS = (
     "--no-first-run",
     "--disable-quic",
 )
+
+# Chromium inside a network namespace offers its real host candidate (10.77.N.2)
+# rather than an mDNS name (a page that never asked for a camera gets mDNS names).
+NETNS_ARGS = ("--disable-features=WebRtcHideLocalIpsWithMdns",)
 
 
 class PageLog:
@@ -142,3 +151,72 @@ def namespace_launcher(netns: str, directory: Path, chromium: Path = CHROMIUM) -
     launcher.write_text(f'#!/bin/sh\nexec {command} "$@"\n')
     launcher.chmod(0o755)
     return launcher
+
+
+# -- Chromium in a network namespace (a kernel rate limit on its link) -------------
+
+
+@pytest.fixture
+def netns() -> Iterator[ShapedNamespace]:
+    """A participant's namespace; made before the server so its candidates include it."""
+    cleanup_stale()  # namespaces of test runs that were killed
+    with ShapedNamespace() as ns:
+        yield ns
+
+
+@pytest.fixture
+def lan_server(tmp_path: Path, netns: ShapedNamespace) -> Iterator[KonsiliumServer]:
+    """The server on every address: the namespace reaches it at ``netns.host_addr``."""
+    with KonsiliumServer(tmp_path / "data", extra_args=("--host", "0.0.0.0")) as srv:
+        yield srv
+
+
+@pytest.fixture
+async def ns_browser(
+    chromium: Path, netns: ShapedNamespace, tmp_path: Path
+) -> AsyncIterator[Browser]:
+    """Headless Chromium whose sockets all live in ``netns``; closed after the test."""
+    async with browser_in_netns(netns, chromium, tmp_path) as browser:
+        yield browser
+
+
+def media_origin_args(netns: ShapedNamespace, server: KonsiliumServer) -> tuple[str, ...]:
+    """Chromium flags that let a page in ``netns`` use the camera and microphone.
+
+    From the namespace the page loads from ``http://<netns.host_addr>:<port>``, not
+    a secure context, so ``navigator.mediaDevices`` would be missing: Chromium is
+    told to treat that one origin as secure.
+    """
+    origin = f"http://{netns.host_addr}:{server.port}"
+    return (f"--unsafely-treat-insecure-origin-as-secure={origin}",)
+
+
+@contextlib.asynccontextmanager
+async def browser_in_netns(
+    netns: ShapedNamespace, chromium: Path, directory: Path, *args: str
+) -> AsyncIterator[Browser]:
+    """Headless Chromium whose sockets all live in ``netns``, with ``args`` added."""
+    launcher = namespace_launcher(netns.name, directory, chromium)
+    async with async_playwright() as pw:
+        browser = await pw.chromium.launch(
+            executable_path=str(launcher),
+            headless=True,
+            args=[*CHROMIUM_ARGS, *NETNS_ARGS, *args],
+            timeout=60_000,
+        )
+        try:
+            yield browser
+        finally:
+            await browser.close()
+
+
+async def join(page: Page, log: PageLog, timeout: float) -> str:
+    """Wait for the page's ``joined``; its participant id."""
+    state: dict[str, Any] = {}
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        state = await page.evaluate("() => window.konsilium ? window.konsilium.state() : {}")
+        if state.get("joined"):
+            return str(state["selfId"])
+        await asyncio.sleep(0.2)
+    raise AssertionError(f"the page did not join: {state}{log.dump()}")

@@ -19,19 +19,18 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
-from playwright.async_api import Browser, Page, async_playwright
+from playwright.async_api import Browser, Page
 
 from media_server.bot import Bot
 from media_server.clip import Clip
-from media_server.linkemu import ShapedNamespace, available, cleanup_stale
-from tests.browser.conftest import CHROMIUM_ARGS, PageLog, namespace_launcher
+from media_server.linkemu import ShapedNamespace, available
+from tests.browser.conftest import PageLog, join
 from tests.services import KonsiliumServer
 
 pytestmark = [
@@ -52,46 +51,8 @@ STEADY_FPS = 5.0  # ... at least this many frames a second (rungs run at 10-30 f
 RECOVER_S = 60.0  # target 15 s
 POLL_S = 0.5
 
-# Chromium inside the namespace offers its real host candidate (10.77.N.2) rather
-# than an mDNS name (a page that never asked for a camera gets mDNS names).
-NETNS_ARGS = ("--disable-features=WebRtcHideLocalIpsWithMdns",)
-
 
 # -- fixtures ------------------------------------------------------------------
-
-
-@pytest.fixture
-def netns() -> Iterator[ShapedNamespace]:
-    """The viewer's namespace; made before the server so its candidates include it."""
-    cleanup_stale()  # namespaces of test runs that were killed
-    with ShapedNamespace() as ns:
-        yield ns
-
-
-@pytest.fixture
-def lan_server(tmp_path: Path, netns: ShapedNamespace) -> Iterator[KonsiliumServer]:
-    """The server on every address: the namespace reaches it at ``netns.host_addr``."""
-    with KonsiliumServer(tmp_path / "data", extra_args=("--host", "0.0.0.0")) as srv:
-        yield srv
-
-
-@pytest.fixture
-async def ns_browser(
-    chromium: Path, netns: ShapedNamespace, tmp_path: Path
-) -> AsyncIterator[Browser]:
-    """Headless Chromium whose sockets all live in ``netns``; closed after the test."""
-    launcher = namespace_launcher(netns.name, tmp_path, chromium)
-    async with async_playwright() as pw:
-        browser = await pw.chromium.launch(
-            executable_path=str(launcher),
-            headless=True,
-            args=[*CHROMIUM_ARGS, *NETNS_ARGS],
-            timeout=60_000,
-        )
-        try:
-            yield browser
-        finally:
-            await browser.close()
 
 
 # -- what the page and the server say --------------------------------------------
@@ -219,18 +180,6 @@ class Watch:
             f"{self.log.dump()}"
             f"\n--- server log tail ---\n{self.server.log_text()[-6000:]}"
         )
-
-
-async def join(page: Page, log: PageLog, timeout: float) -> str:
-    """Wait for the page's ``joined``; its participant id."""
-    state: dict[str, Any] = {}
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        state = await page.evaluate("() => window.konsilium ? window.konsilium.state() : {}")
-        if state.get("joined"):
-            return str(state["selfId"])
-        await asyncio.sleep(0.2)
-    raise AssertionError(f"the page did not join: {state}{log.dump()}")
 
 
 # -- the test --------------------------------------------------------------------

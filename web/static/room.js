@@ -80,6 +80,7 @@ const S = {
   quality: new Map(),
   // the room's recording: {id, startedBy, consentRequired, capturing, consent: {id: state}}
   recording: null,
+  speaker: null, // the active speaker's participant id (server's active_speaker)
   recordingStale: false, // rejoined: is the recording still on? the next message tells
   recordingPending: null, // "recording_start" | "recording_stop" sent, not yet answered
   recordingPendingTimer: null,
@@ -399,6 +400,8 @@ async function handle(msg, gen) {
       return syncMedia();
     case "video_quality":
       return onVideoQuality(msg);
+    case "active_speaker":
+      return onActiveSpeaker(msg.participant_id);
     case "recording_started":
       return onRecording(msg, true);
     case "recording_status":
@@ -418,6 +421,12 @@ async function handle(msg, gen) {
     default:
       return undefined; // newer server: ignore unknown messages
   }
+}
+
+// The server's active speaker (from the audio levels it receives): outline the tile.
+function onActiveSpeaker(pid) {
+  S.speaker = pid || null;
+  for (const [id, tile] of S.tiles) tile.root.classList.toggle("speaking", id === S.speaker);
 }
 
 function onJoined(msg, gen) {
@@ -543,7 +552,9 @@ async function acquireMedia() {
   S.mediaTried = true;
   const md = navigator.mediaDevices;
   if (!md || !md.getUserMedia) {
-    notice("media", t("media_unavailable"), "error");
+    // browsers hide the camera from pages served over plain http (except localhost)
+    const why = window.isSecureContext ? t("media_unavailable") : t("insecure_context");
+    notice("media", why, "error");
     return null;
   }
   try {
@@ -799,6 +810,7 @@ function upsertParticipant(p) {
   // a participant whose link dropped keeps its tile, dimmed, until it is back or gone
   const reconnecting = p.state === "reconnecting";
   tile.root.classList.toggle("reconnecting", reconnecting);
+  tile.root.classList.toggle("speaking", p.id === S.speaker);
   tile.media.dataset.note = reconnecting ? t("state_reconnecting") : "";
   syncMedia();
   renderState();

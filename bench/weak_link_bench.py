@@ -34,7 +34,11 @@ originals only) runs in a fresh server.  Per phase, for the weak viewer:
   publishers.  Counted where the link hands packets to the client (the RTP
   header is in clear under SRTP), i.e. what a browser's jitter buffer would get;
   "aiortc JB" is the same after aiortc's audio jitter buffer, which loses
-  several times more (see :class:`WeakViewer`), for information.  Nothing is
+  several times more (see :class:`WeakViewer`), for information (originals only).
+  While the server sends the weak viewer one audio *mix* (``audio_mode``), a mix
+  frame of 40/60 ms that arrives counts for every mixed publisher's 20 ms slots
+  it covers, and a lost one against them (:mod:`bench.audio_seen`); **audio mix**
+  is the share of the phase spent mixing, **end audio** the mode at its end.  Nothing is
   ignored: the first seconds after a change count.  A packet sent late in a
   phase and delivered in the next counts for the phase it was sent in.
   **audio hole** is the longest run of consecutive lost audio packets (ms),
@@ -92,6 +96,14 @@ from media_server.linkemu import Fate, LinkEmulator, get_profile
 from media_server.linkemu.emulator import Address, Deliver
 from media_server.packet import MediaPacket
 
+from .audio_seen import (
+    AudioSeen,
+    LinkAudio,
+    append_ts,
+    opus_duration_ms,
+    phase_audio,
+    split_audio,
+)
 from .cpu import process_cpu_seconds
 from .server import KonsiliumServer
 
@@ -103,9 +115,6 @@ TICK_S = 0.1
 FREEZE_S = 0.5
 STABLE_S = 3.0
 LAYER_POLL_S = 0.5
-AUDIO_PACKET_S = 0.02
-AUDIO_CLOCK = 48000
-AUDIO_TICKS = 960
 AUDIO_HOLE_LIMIT_MS = 200.0
 AUDIO_GAP_LIMIT_MS = 500.0
 DEFAULT_PHASES = ("lan", "3g", "satellite", "edge", "lan")
@@ -230,20 +239,36 @@ class Workers:
 class WeakViewer(Bot):
     """A Bot that also keeps each audio packet's arrival time and RTP timestamp, twice:
 
-    * ``audio_rtp``: as the link delivers it to the client (SRTP leaves the RTP header
+    * ``audio_link``: as the link delivers it to the client (SRTP leaves the RTP header
       in clear), before aiortc's receiver: what a browser's jitter buffer would get;
-    * ``audio``: as aiortc's receiver hands it on.  aiortc's audio jitter buffer
-      (16 packets, prefetch 4) turns each hole into a standing backlog and then evicts
-      *received* packets when the next hole comes, so it loses several times the link's
-      loss; reported for information only.
+      with its send time (when it reached the emulator, over loopback from the server),
+      to tell originals from the server's mix (``audio_events``: the ``audio_mode``
+      messages; see :mod:`bench.audio_seen`);
+    * ``audio``: the 20 ms originals as aiortc's receiver hands them on.  aiortc's audio
+      jitter buffer (16 packets, prefetch 4) turns each hole into a standing backlog and
+      then evicts *received* packets when the next hole comes, so it loses several times
+      the link's loss; reported for information only (mix periods excluded).
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.audio: dict[str, list[tuple[float, int]]] = {}  # pid -> (arrival, unwrapped ts)
-        self.audio_rtp: dict[str, list[tuple[float, int]]] = {}
+        self.audio_link: list[LinkAudio] = []
+        self.audio_events: list[tuple[float, dict[str, Any]]] = []  # (monotonic, audio_mode)
         if self.link is not None:
             self._tap(self.link)
+
+    async def _handle(self, msg: dict[str, Any]) -> None:
+        if msg.get("type") == "audio_mode":
+            wall = float(msg.get("server_time") or time.time())
+            self.audio_events.append((time.monotonic() - (time.time() - wall), msg))
+        await super()._handle(msg)
+
+    def seen(self) -> tuple[AudioSeen, AudioSeen]:
+        """(at the link, after aiortc's jitter buffer) audio, originals and mixes."""
+        link = split_audio(self.audio_link, self.audio_events)
+        app = AudioSeen(self.audio, [], link.mixed)
+        return link, app
 
     def _tap(self, link: LinkEmulator) -> None:
         real_send = link.down.send
@@ -252,24 +277,25 @@ class WeakViewer(Bot):
             if deliver is None:
                 return real_send(data, addr)
             target = deliver
+            entered = time.monotonic()  # the server sent it just now (loopback)
 
             def tapped(d: bytes, a: Address) -> None:
-                self._note_rtp(d)
+                self._note_rtp(d, entered)
                 target(d, a)
 
             return real_send(data, addr, tapped)
 
         link.down.send = send  # type: ignore[method-assign]  # this emulator instance only
 
-    def _note_rtp(self, data: bytes) -> None:
+    def _note_rtp(self, data: bytes, sent: float) -> None:
         if len(data) < 12 or not 128 <= data[0] < 192 or 64 <= (data[1] & 0x7F) <= 95:
             return  # not RTP (STUN, DTLS, RTCP)
         mid = self._ssrc_mid.get(int.from_bytes(data[8:12], "big"))  # Bot: media SSRC -> mid
         info = self.mids.get(mid) if mid is not None else None
-        if info is not None and info["kind"] == "audio":
-            _append_ts(
-                self.audio_rtp.setdefault(info["participant_id"], []),
-                int.from_bytes(data[4:8], "big"),
+        if mid is not None and info is not None and info["kind"] == "audio":
+            ts = int.from_bytes(data[4:8], "big")
+            self.audio_link.append(
+                LinkAudio(time.monotonic(), sent, mid, info["participant_id"], ts)
             )
 
     async def _consume(self, mid: str, track: MediaStreamTrack) -> None:
@@ -281,26 +307,15 @@ class WeakViewer(Bot):
                 if not isinstance(item, MediaPacket):
                     continue
                 self._count_frame(mid, len(bytes(item)), item.keyframe)
-                if item.kind == "audio":
-                    self._note_audio(mid, int(item.pts))
+                if item.kind == "audio" and opus_duration_ms(item.data) == 20:
+                    self._note_audio(mid, int(item.pts))  # an original (the mix: 40/60 ms)
         except MediaStreamError:
             pass
 
     def _note_audio(self, mid: str, ts: int) -> None:
         info = self.mids.get(mid)
         if info is not None:
-            _append_ts(self.audio.setdefault(info["participant_id"], []), ts)
-
-
-def _append_ts(packets: list[tuple[float, int]], ts: int) -> None:
-    """Append (now, RTP timestamp unwrapped past 2^32)."""
-    if packets:
-        last = packets[-1][1]
-        delta = (ts - last) % (1 << 32)
-        if delta >= 1 << 31:
-            delta -= 1 << 32  # late / reordered packet
-        ts = last + delta
-    packets.append((time.monotonic(), ts))
+            append_ts(self.audio.setdefault(info["participant_id"], []), ts, time.monotonic())
 
 
 # -- sampling ---------------------------------------------------------------------
@@ -369,6 +384,8 @@ class PhaseResult:
     server_cpu: float
     ladder_cpu: float
     other_cpu: float  # % of a core used by processes outside the benchmark (noise)
+    mix_share: float = 0.0  # share of the phase the weak viewer got one audio mix
+    end_audio: str = ""  # "originals" or "mix <format> x<copies>" at the end of the phase
 
     @property
     def audio_interrupted(self) -> bool:
@@ -463,36 +480,6 @@ def freeze_ratio(ticks: Sequence[Sample], pids: Sequence[str] | None = None) -> 
     return frozen / len(ticks)
 
 
-def audio_phase(
-    packets: Sequence[tuple[float, int]], t0: float, t1: float
-) -> tuple[int, int, float, float]:
-    """(expected, received, longest hole ms, longest arrival gap ms) for packets *sent* in
-    [t0, t1].  Send times come from the timestamps: one packet per 20 ms, anchored on
-    the packet that had the shortest trip."""
-    if not packets:
-        n = int((t1 - t0) / AUDIO_PACKET_S)
-        return n, 0, (t1 - t0) * 1000, (t1 - t0) * 1000
-    ref = packets[0][1]
-    indexed = [(arrival, round((ts - ref) / AUDIO_TICKS)) for arrival, ts in packets]
-    anchor = min(arrival - idx * AUDIO_PACKET_S for arrival, idx in indexed)
-    first = math.ceil((t0 - anchor) / AUDIO_PACKET_S)
-    last = math.floor((t1 - anchor) / AUDIO_PACKET_S) - 1
-    expected = max(0, last - first + 1)
-    got = sorted({idx for _, idx in indexed if first <= idx <= last})
-    hole = 0
-    prev = first - 1
-    for idx in [*got, last + 1]:
-        hole = max(hole, idx - prev - 1)
-        prev = idx
-    arrivals = [a for a, _ in packets if t0 <= a <= t1]
-    gap = 0.0
-    edge = t0
-    for a in [*arrivals, t1]:
-        gap = max(gap, a - edge)
-        edge = a
-    return expected, len(got), hole * AUDIO_PACKET_S * 1000, gap * 1000
-
-
 def machine_busy_s() -> float:
     """CPU seconds all processes have used so far, all CPUs (from /proc/stat)."""
     with open("/proc/stat", encoding="ascii") as fh:
@@ -523,8 +510,8 @@ def analyse_phase(
     b1: Boundary,
     ticks: Sequence[Sample],
     layer_series: Sequence[tuple[float, dict[str, str]]],
-    audio: dict[str, list[tuple[float, int]]],
-    audio_app: dict[str, list[tuple[float, int]]],
+    audio: AudioSeen,
+    audio_app: AudioSeen,
     pids: Sequence[str],
     adaptive: bool,
 ) -> PhaseResult:
@@ -543,20 +530,8 @@ def analyse_phase(
     back = originals_at(layer_series, t0, t1, len(pids)) if adaptive and rate is None else None
     srv_audio_drops = _audio_drops(b1.weak_slots) - _audio_drops(b0.weak_slots)
     after = [s for s in in_phase if s.t >= t0 + conv] if conv is not None else None
-    expected = received = 0
-    hole = gap = 0.0
-    per_pub_loss = []
-    for p in pids:
-        e, r, h, g = audio_phase(audio.get(p, []), t0, t1)
-        expected += e
-        received += r
-        hole, gap = max(hole, h), max(gap, g)
-        per_pub_loss.append(1 - r / e if e else 0.0)
-    app_expected = app_received = 0
-    for p in pids:
-        e, r, _, _ = audio_phase(audio_app.get(p, []), t0, t1)
-        app_expected += e
-        app_received += r
+    audio_loss, per_pub_loss, hole, gap = phase_audio(audio, pids, t0, t1)
+    app_loss, _, _, _ = phase_audio(audio_app, pids, t0, t1)
     end_layers = dict(layer_series[-1][1]) if layer_series else {}
     for t, layers in layer_series:
         if t <= t1:
@@ -576,9 +551,9 @@ def analyse_phase(
         freeze=freeze_ratio(in_phase),
         freeze_converged=freeze_ratio(after) if after is not None else None,
         freeze_per_pub=[freeze_ratio(in_phase, [p]) for p in pids],
-        audio_loss=1 - received / expected if expected else 0.0,
+        audio_loss=audio_loss,
         audio_loss_per_pub=per_pub_loss,
-        audio_loss_app=1 - app_received / app_expected if app_expected else 0.0,
+        audio_loss_app=app_loss,
         audio_hole_ms=hole,
         audio_gap_ms=gap,
         converge_s=conv,
@@ -592,6 +567,8 @@ def analyse_phase(
         * ((b1.machine_busy_s - b0.machine_busy_s) - (b1.own_cpu_s - b0.own_cpu_s))
         / dur,
         ladder_cpu=100 * ladder_cpu / dur,
+        mix_share=audio.mix_share(t0, t1),
+        end_audio=audio.mode_at(t1 - 0.01),
     )
 
 
@@ -700,6 +677,7 @@ async def run_mode(
             stop.set()
             await asyncio.gather(*tasks)
 
+            seen, seen_app = viewer.seen()
             results = [
                 analyse_phase(
                     profile,
@@ -708,8 +686,8 @@ async def run_mode(
                     bounds[i + 1],
                     ticks,
                     layer_series,
-                    viewer.audio_rtp,
-                    viewer.audio,
+                    seen,
+                    seen_app,
                     pids,
                     adaptive,
                 )
@@ -799,6 +777,8 @@ def mode_lines(r: ModeResult) -> list[str]:
         "freeze per pub %",
         "audio loss %",
         "audio loss aiortc JB %",
+        "audio mix %",
+        "end audio",
         "audio hole ms",
         "audio gap ms",
         "srv audio drops",
@@ -826,6 +806,8 @@ def mode_lines(r: ModeResult) -> list[str]:
                 "/".join(f"{100 * x:.0f}" for x in p.freeze_per_pub),
                 _pct(p.audio_loss, 2),
                 _pct(p.audio_loss_app, 1),
+                _pct(p.mix_share, 0),
+                p.end_audio or "—",
                 f"{p.audio_hole_ms:.0f}",
                 f"{p.audio_gap_ms:.0f}",
                 str(p.server_audio_drops),

@@ -13,8 +13,10 @@ Wires the pure pieces (:mod:`estimator`, :mod:`allocator`) to the media path:
 
 Without evidence of congestion the estimate starts at its ceiling: a viewer on a
 good link is never moved off the original stream just because aiortc cannot
-probe.  Audio is never touched: it is reserved first by the allocator and its
-DownTracks always carry the original.
+probe.  Audio is never paused and is reserved first: each tick the
+:class:`~media_server.allocator.AudioRule` chooses between the audio originals
+and one mix of them (:mod:`audiomode`, :mod:`audiomix`) for viewers whose
+estimate cannot carry every original, and the videos share what is left.
 """
 
 from __future__ import annotations
@@ -33,10 +35,13 @@ from .allocator import (
     PRIORITY_OTHER,
     PRIORITY_SCREEN,
     Allocator,
+    AudioRule,
     Choice,
     Layer,
     VideoCandidate,
 )
+from .audiomix import AudioMixer
+from .audiomode import MIX_LAYERS, AudioListener, AudioMode
 from .downtrack import DownTrack
 from .estimator import BandwidthEstimator, EstimatorConfig
 from .forwarder import Forwarder, TrackInfo
@@ -62,8 +67,11 @@ REMB_FRESH_S = 3.0  # per-stream REMBs older than this no longer count
 # measured for 5 s; aiortc's sends nothing for ~3 s
 REMB_WARMUP_S = 6.0
 MAX_REPORT_PACKETS = 10_000  # a report covering more is not about this stream's last interval
+# a stream idle this long (paused video, audio unbound while mixing): its next report is stale
+STALE_AFTER_IDLE_S = 1.0
 RETRANSMIT_SHARE = 0.15  # of the estimate, for resending lost packets
 RETRANSMIT_PACKET_BYTES = 1000
+LOSS_SMOOTHING_PACKETS = 500  # a report block weighs (packets it covers) / this, up to 0.3
 # Start at the ceiling: a viewer is moved off the original only on evidence.
 # Rise below 5 % loss (not 2 %): satellite and EDGE links lose 2-3 % at random,
 # which would otherwise hold the estimate forever; overshooting a real queue
@@ -172,12 +180,24 @@ LayerListener = Callable[[TrackInfo, str | None, Choice], Awaitable[None]]
 class SubscriberAdaptation:
     """One subscriber's estimate, allocation and the switches that follow."""
 
-    def __init__(self, label: str, pool: LadderPool, on_layer: LayerListener | None) -> None:
-        self.label = label
+    def __init__(
+        self,
+        label: str,
+        pool: LadderPool,
+        on_layer: LayerListener | None,
+        mixer: AudioMixer | None = None,
+        on_audio: AudioListener | None = None,
+    ) -> None:
+        self.label = label  # the subscriber's participant id
         self.pool = pool
         self.estimator = BandwidthEstimator(ESTIMATOR)
         self.allocator = Allocator()
+        self.audio_rule = AudioRule()
+        self.audio_mode = AudioMode(label, mixer, on_audio) if mixer is not None else None
         self._on_layer = on_layer
+        self._loss: float | None = None  # smoothed over the receiver reports
+        self._mix_bps: float | None = None  # the mix's carrier, measured on the wire
+        self._last_tick: float | None = None
         self.layers: dict[str, str] = {}  # track id -> layer now applied
         self._last_estimate = ESTIMATOR.initial_bps
         self._session_remb: tuple[int, float] | None = None
@@ -195,6 +215,9 @@ class SubscriberAdaptation:
         self._last_bytes: dict[int, int] = {}
         self._last_packet_bytes: dict[str, tuple[float, int]] = {}
         self._highest_seq: dict[int, int] = {}  # DownTrack -> last report's highest sequence
+        self._idle_since: dict[int, float] = {}  # DownTrack -> since when it sends nothing
+        self._stale: set[int] = set()  # DownTracks idle long enough: next report is an origin
+        self._resumed_at: dict[int, float] = {}  # video DownTrack -> when it left "paused"
 
     def __repr__(self) -> str:
         return f"SubscriberAdaptation({self.label})"
@@ -217,6 +240,11 @@ class SubscriberAdaptation:
                 self.on_remb(total, now, video_remb=total - self._audio_reserve)
                 return
             # one REMB per video stream (aiortc receivers): the total is their sum
+            if now - self._resumed_at.get(key, -REMB_WARMUP_S) < REMB_WARMUP_S:
+                # a resumed stream's receiver starts again from ~1.5x what it has got so
+                # far (a keyframe burst, then a low rung): its start value, not a queue
+                self._stream_remb.pop(key, None)
+                return
             self._stream_remb[key] = (bps, now)
             fresh = {k for k, (_, at) in self._stream_remb.items() if now - at < REMB_FRESH_S}
             if not self._active_video <= fresh:
@@ -242,13 +270,23 @@ class SubscriberAdaptation:
 
         The receiver's extended highest sequence number advances by what it
         expected since its previous report; the first block of a stream only
-        sets that origin (it covers an unknown number of packets).
+        sets that origin (it covers an unknown number of packets).  So does the
+        first block that advances after the stream was idle (a paused video, an
+        audio track while mixing): it also counts, as lost now, the packets a
+        congested link dropped before the pause.
         """
         previous = self._highest_seq.get(key)
         self._highest_seq[key] = report.highest_sequence
+        if key in self._stale and report.highest_sequence != previous:
+            self._stale.discard(key)
+            previous = None
         expected = 0 if previous is None else report.highest_sequence - previous
         if not 0 <= expected <= MAX_REPORT_PACKETS:
             expected = 0  # a restarted stream or a bogus report: a new origin
+        if expected > 0:
+            weight = min(0.3, expected / LOSS_SMOOTHING_PACKETS)
+            loss = report.fraction_lost
+            self._loss = loss if self._loss is None else self._loss + weight * (loss - self._loss)
         self.estimator.on_receiver_report(
             report.fraction_lost, report.rtt_s, time.monotonic(), expected
         )
@@ -330,6 +368,7 @@ class SubscriberAdaptation:
         now = time.monotonic() if now is None else now
         delivered = video = 0
         active: set[int] = set()
+        carrier = self.audio_mode.carrier if self.audio_mode is not None else None
         for slot in slots:
             key = id(slot.downtrack)
             total = slot.downtrack.wire_bytes_forwarded
@@ -339,6 +378,14 @@ class SubscriberAdaptation:
             if step > 0 and slot.kind == "video":
                 active.add(key)
                 video += step
+            if step > 0:
+                self._idle_since.pop(key, None)
+            elif now - self._idle_since.setdefault(key, now) >= STALE_AFTER_IDLE_S:
+                self._stale.add(key)
+            if slot is carrier and self._last_tick is not None and now > self._last_tick:
+                bps = 8 * step / (now - self._last_tick)
+                self._mix_bps = bps if self._mix_bps is None else 0.7 * self._mix_bps + 0.3 * bps
+        self._last_tick = now
         window = self._video_delivered
         window.append((now, video))
         while len(window) > 2 and now - window[1][0] >= VIDEO_RATE_WINDOW_S:
@@ -354,21 +401,34 @@ class SubscriberAdaptation:
             )
         self._last_estimate = estimate
         videos: list[tuple[Slot, VideoCandidate]] = []
-        audio_reserve = 0
+        originals: list[int] = []
         for slot in slots:
             if slot.info is None or slot.forwarder is None:
                 continue
             if slot.info.kind == "audio":
                 rate = self._measure(slot.forwarder, now)
-                audio_reserve += AUDIO_BPS if rate is None else max(AUDIO_MIN_BPS, int(rate))
+                originals.append(AUDIO_BPS if rate is None else max(AUDIO_MIN_BPS, int(rate)))
                 continue
             videos.append((slot, self._candidate(slot.forwarder, now)))
+        audio_reserve = await self._audio(estimate, originals, slots)
         self._audio_reserve = audio_reserve
         choices = self.allocator.allocate(estimate, [c for _, c in videos], audio_reserve, 1)
         for slot, candidate in videos:
             choice = choices.get(candidate.track_id)
             if choice is not None:
                 await self._apply(slot, choice)
+
+    async def _audio(self, estimate: int, originals: list[int], slots: list[Slot]) -> int:
+        """Originals or one mix (audio first): returns what audio takes on the wire."""
+        if self.audio_mode is None:
+            return sum(originals)
+        mode = self.audio_mode
+        measured = int(self._mix_bps) if mode.mixing and self._mix_bps is not None else None
+        plan = self.audio_rule.decide(estimate, originals, MIX_LAYERS, self._loss, measured)
+        if not plan.mixing:
+            self._mix_bps = None
+        await mode.apply(plan, slots)
+        return plan.reserve_bps
 
     def _measure(self, forwarder: Forwarder, now: float) -> float | None:
         """The published track's rate on the wire (smoothed), None until measured."""
@@ -399,6 +459,8 @@ class SubscriberAdaptation:
         if choice.layer == previous:
             return
         downtrack = slot.downtrack
+        if previous == PAUSED:
+            self._resumed_at[id(downtrack)] = time.monotonic()
         if choice.layer == PAUSED:
             downtrack.unbind()
         elif choice.layer == ORIGINAL:
@@ -422,8 +484,12 @@ class SubscriberAdaptation:
         if self._on_layer is not None:
             await self._on_layer(slot.info, slot.mid, choice)
 
-    def forget(self, track_id: str, forwarder: Forwarder | None) -> None:
-        """The subscriber no longer watches ``track_id``."""
+    def forget(
+        self, track_id: str, forwarder: Forwarder | None, slots: list[Slot] | None = None
+    ) -> None:
+        """The subscriber no longer watches ``track_id`` (``slots``: all of its slots now)."""
+        if self.audio_mode is not None and slots is not None:
+            self.audio_mode.track_removed(slots)
         layer = self.layers.pop(track_id, ORIGINAL)
         self.allocator.forget(track_id)
         self._original_bps.pop(track_id, None)
@@ -435,3 +501,5 @@ class SubscriberAdaptation:
         for slot in slots:
             if slot.info is not None:
                 self.forget(slot.info.id, slot.forwarder)
+        if self.audio_mode is not None:
+            self.audio_mode.close()

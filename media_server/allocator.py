@@ -35,6 +35,28 @@ Rule
      to flap from, and a new speaker must not wait.  The others make room in
      the same call, since down is always immediate.
 
+Audio mode (:class:`AudioRule`)
+-------------------------------
+Every Opus original costs ~56 kbit/s on the wire, ~40 of them headers: five
+take a satellite link whole and four EDGE links.  One rule per subscriber,
+called before :meth:`Allocator.allocate`, decides whether it gets the audio
+originals or one *mix* of them (``media_server.audiomix``) and its reserve:
+
+* **into the mix, at once**, when more than one audio track is watched and
+  the originals take more than ``enter_share`` (40 %) of the estimate;
+* **back to the originals** only once they take at most ``leave_share``
+  (25 %) of it for ``leave_calls`` (6) calls in a row; leaving again soon after
+  a return (within ``probe_calls``) doubles the streak needed next time;
+* **the mix's format**: the best whose wire rate fits ``mix_share`` (30 %) of
+  the estimate, the cheapest one when none does (audio is never paused); down
+  at once once the current one exceeds that share by 15 %, up after
+  ``upgrade_calls`` (10) calls in a row (each change restarts the encoder).
+  On a lossy link (smoothed loss >= 1 %, until < 0.4 %) each packet is sent
+  twice if the doubled rate fits ``repeat_share`` (50 %) of the estimate: two
+  copies of a cheaper format are preferred to one of a better format;
+* **the reserve** taken before any video: the originals' measured rates, or
+  the mix's nominal wire rate (all copies) or its measured rate if higher.
+
 Why the dead band sits below the layer, not above it: aiortc cannot probe, and
 a receiver's REMB never exceeds 1.5x what it receives (+10 kbit/s).  Rungs
 about 1.45x apart are reachable from the one below only if an upgrade needs
@@ -52,6 +74,9 @@ from dataclasses import dataclass
 
 ORIGINAL = "original"
 PAUSED = "paused"
+
+AUDIO_ORIGINALS = "originals"
+AUDIO_MIX = "mix"
 
 REASON_OK = "ok"  # the best layer this video has
 REASON_BANDWIDTH = "bandwidth"  # lower than the best layer, or paused, for lack of bandwidth
@@ -205,6 +230,11 @@ class Allocator:
         return _choice(current, layers)
 
 
+def _cost(option: tuple[Layer, int]) -> int:
+    layer, copies = option
+    return layer.bitrate * copies
+
+
 def _best_within(layers: Sequence[Layer], budget: float) -> Layer | None:
     best = None
     for layer in layers:  # ascending bitrate
@@ -233,3 +263,138 @@ def _choice(layer: Layer | None, layers: Sequence[Layer]) -> Choice:
         return Choice(PAUSED, REASON_BANDWIDTH, 0)
     reason = REASON_OK if layer is layers[-1] else REASON_BANDWIDTH
     return Choice(layer.name, reason, layer.bitrate)
+
+
+@dataclass(frozen=True, slots=True)
+class AudioPlan:
+    """What a subscriber's audio carries: the originals, or one mix in a format."""
+
+    mode: str  # AUDIO_ORIGINALS | AUDIO_MIX
+    reserve_bps: int  # taken on the wire before any video
+    layer: Layer | None = None  # the mix's format (one copy's wire rate) when mixing
+    copies: int = 1
+
+    @property
+    def mixing(self) -> bool:
+        return self.mode == AUDIO_MIX
+
+
+@dataclass(frozen=True, slots=True)
+class AudioRuleConfig:
+    enter_share: float = 0.4
+    leave_share: float = 0.25
+    leave_calls: int = 6
+    probe_calls: int = 20
+    max_backoff: int = 8
+    mix_share: float = 0.3
+    format_dead_band: float = 0.85  # the current format is kept while it costs <= cap / this
+    upgrade_calls: int = 10
+    repeat_share: float = 0.5  # two copies of the mix may take this share of the estimate
+    repeat_above_loss: float = 0.01
+    repeat_below_loss: float = 0.004
+
+    def __post_init__(self) -> None:
+        if not 0 < self.leave_share < self.enter_share:
+            raise ValueError("need 0 < leave_share < enter_share")
+        if self.leave_calls < 1 or self.upgrade_calls < 1 or self.max_backoff < 1:
+            raise ValueError("leave_calls, upgrade_calls and max_backoff must be >= 1")
+        if not 0 <= self.repeat_below_loss <= self.repeat_above_loss:
+            raise ValueError("need 0 <= repeat_below_loss <= repeat_above_loss")
+
+
+class AudioRule:
+    """Per-subscriber choice between the audio originals and a mix, with hysteresis."""
+
+    def __init__(self, config: AudioRuleConfig | None = None) -> None:
+        self.config = config or AudioRuleConfig()
+        self._calls = 0
+        self._mixing = False
+        self._streak = 0  # calls in a row in which the originals fitted comfortably
+        self._backoff = 1
+        self._left_at: int | None = None  # call that went back to the originals
+        self._option: tuple[str, int] | None = None  # (format name, copies)
+        self._up_streak = 0
+        self._lossy = False
+
+    @property
+    def mixing(self) -> bool:
+        return self._mixing
+
+    def decide(
+        self,
+        estimate_bps: float,
+        originals_bps: Sequence[int],
+        mix_layers: Sequence[Layer],
+        loss: float | None = None,
+        measured_mix_bps: int | None = None,
+    ) -> AudioPlan:
+        """``originals_bps``: each watched audio original's wire rate; ``mix_layers``: the
+        mix formats with one copy's wire rate; ``loss``: smoothed loss (0..1), if known."""
+        cfg = self.config
+        self._calls += 1
+        total = sum(max(0, b) for b in originals_bps)
+        budget = max(0.0, float(estimate_bps))
+        if self._lossy:
+            self._lossy = loss is None or loss >= cfg.repeat_below_loss
+        else:
+            self._lossy = loss is not None and loss >= cfg.repeat_above_loss
+        if len(originals_bps) < 2 or not mix_layers:
+            self._to_originals()
+            return AudioPlan(AUDIO_ORIGINALS, total)
+        if not self._mixing:
+            if (
+                self._left_at is not None
+                and self._calls - self._left_at > cfg.probe_calls
+                and self._backoff > 1
+            ):
+                self._backoff = 1  # the last return to the originals held
+            if total <= cfg.enter_share * budget:
+                return AudioPlan(AUDIO_ORIGINALS, total)
+            if self._left_at is not None and self._calls - self._left_at <= cfg.probe_calls:
+                self._backoff = min(cfg.max_backoff, self._backoff * 2)
+            self._mixing, self._streak, self._option = True, 0, None
+        elif total <= cfg.leave_share * budget:
+            self._streak += 1
+            if self._streak >= cfg.leave_calls * self._backoff:
+                self._to_originals()
+                self._left_at = self._calls
+                return AudioPlan(AUDIO_ORIGINALS, total)
+        else:
+            self._streak = 0
+        layer, copies = self._choose_format(budget, mix_layers)
+        reserve = max(layer.bitrate * copies, measured_mix_bps or 0)
+        return AudioPlan(AUDIO_MIX, reserve, layer, copies)
+
+    def _to_originals(self) -> None:
+        self._mixing, self._streak, self._option, self._up_streak = False, 0, None, 0
+
+    def _choose_format(self, budget: float, layers: Sequence[Layer]) -> tuple[Layer, int]:
+        cfg = self.config
+        best_first = sorted(layers, key=lambda layer: (-layer.bitrate, layer.name))
+        options = [(layer, 2) for layer in best_first] if self._lossy else []
+        options += [(layer, 1) for layer in best_first]
+
+        def cap(copies: int) -> float:
+            return (cfg.repeat_share if copies > 1 else cfg.mix_share) * budget
+
+        fits = next(
+            (i for i, (layer, n) in enumerate(options) if layer.bitrate * n <= cap(n)),
+            len(options) - 1,  # the cheapest single copy: audio is never paused
+        )
+        keys = [(layer.name, n) for layer, n in options]
+        current = keys.index(self._option) if self._option in keys else None
+        kept = current is not None and (
+            _cost(options[current]) * cfg.format_dead_band <= cap(options[current][1])
+        )
+        if current is None or (current != fits and not kept):
+            chosen = fits  # first choice, or the current one no longer fits: at once
+            self._up_streak = 0
+        elif fits < current:
+            self._up_streak += 1
+            chosen = current
+            if self._up_streak >= cfg.upgrade_calls:
+                chosen, self._up_streak = fits, 0
+        else:
+            chosen, self._up_streak = current, 0
+        self._option = keys[chosen]
+        return options[chosen]

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable, Coroutine, Mapping
 from typing import Any
 
 from aiortc import RTCConfiguration
 
 from .adaptation import ADAPT_INTERVAL_S, LadderPool
+from .audiomix import AudioMixer
 from .errors import NegotiationError
+from .estimator import EstimateSnapshot
 from .forwarder import Forwarder
 from .publisher import PublisherConnection
 from .subscriber import SubscriberConnection, SubscriberEvents
@@ -37,7 +40,7 @@ class MediaParticipant:
         self._on_failed = on_failed
         self.publisher: PublisherConnection | None = None
         self.subscriber = (
-            SubscriberConnection(participant_id, room.config, events, room.ladders)
+            SubscriberConnection(participant_id, room.config, events, room.ladders, room.mixer)
             if can_subscribe
             else None
         )
@@ -89,6 +92,7 @@ class MediaRoom:
         self.id = room_id
         self.config = config
         self.ladders = LadderPool() if adaptive else None
+        self.mixer = AudioMixer(room_id) if adaptive else None
         self._adapt_task: asyncio.Task[None] | None = None
         self.participants: dict[str, MediaParticipant] = {}
         self.forwarders: dict[str, Forwarder] = {}
@@ -203,12 +207,29 @@ class MediaRoom:
             for p in self.participants.values()
             if p.subscriber is not None and p.subscriber.adaptation is not None
         }
+        # which viewers get one mix instead of the audio originals (see audiomode.py)
+        audio = {
+            p.id: dict(p.subscriber.adaptation.audio_mode.state)
+            for p in self.participants.values()
+            if p.subscriber is not None
+            and p.subscriber.adaptation is not None
+            and p.subscriber.adaptation.audio_mode is not None
+        }
+        now = time.monotonic()
+        estimates = {
+            p.id: _estimate_json(p.subscriber.adaptation.estimator.snapshot(now))
+            for p in self.participants.values()
+            if p.subscriber is not None and p.subscriber.adaptation is not None
+        }
         return {
             "room": self.id,
             "tracks": tracks,
             "subscribers": subscribers,
             "ladders": ladders,
             "layers": layers,
+            "estimates": estimates,
+            "audio": audio,
+            "audio_mix": self.mixer.stats() if self.mixer is not None else {},
         }
 
     @property
@@ -236,6 +257,19 @@ class MediaRoom:
             self.ladders.close()
         for participant_id in list(self.participants):
             await self.leave(participant_id)
+        if self.mixer is not None:
+            self.mixer.close()
         for task in list(self._tasks):
             task.cancel()
         self._tasks.clear()
+
+
+def _estimate_json(snapshot: EstimateSnapshot) -> dict[str, Any]:
+    return {
+        "estimate_bps": snapshot.estimate_bps,
+        "remb_bps": snapshot.remb_bps,
+        "fraction_lost": snapshot.fraction_lost,
+        "rtt_s": snapshot.rtt_s,
+        "delivered_bps": snapshot.delivered_bps,
+        "state": snapshot.state,
+    }

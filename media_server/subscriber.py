@@ -17,6 +17,7 @@ from aiortc import RTCConfiguration, RTCPeerConnection, RTCRtpTransceiver, RTCSe
 from . import hooks
 from .adaptation import LadderPool, SubscriberAdaptation
 from .allocator import Choice
+from .audiomix import AudioMixer
 from .downtrack import DownTrack
 from .errors import BadSdp, NegotiationError
 from .forwarder import Forwarder, TrackInfo
@@ -39,6 +40,12 @@ class LayerEvents(Protocol):
     """Optional: told when adaptation changes what a video track carries."""
 
     async def video_layer(self, track: dict[str, str], layer: str, reason: str) -> None: ...
+
+
+class AudioEvents(Protocol):
+    """Optional: told when the subscriber's audio moves to a mix or back to the originals."""
+
+    async def audio_mode(self, state: dict[str, Any]) -> None: ...
 
 
 @dataclass
@@ -66,11 +73,14 @@ class SubscriberConnection:
         config: RTCConfiguration,
         events: SubscriberEvents,
         ladders: LadderPool | None = None,
+        mixer: AudioMixer | None = None,
     ):
         self.participant_id = participant_id
         self._events = events
         self.adaptation = (
-            SubscriberAdaptation(participant_id, ladders, self._layer_changed)
+            SubscriberAdaptation(
+                participant_id, ladders, self._layer_changed, mixer, self._audio_changed
+            )
             if ladders is not None
             else None
         )
@@ -119,7 +129,7 @@ class SubscriberConnection:
             forwarder, slot.forwarder = slot.forwarder, None
             slot.downtrack.unbind()
             if self.adaptation is not None:
-                self.adaptation.forget(info.id, forwarder)
+                self.adaptation.forget(info.id, forwarder, self._slots)
             if slot.mid is not None:
                 await self._events.track_unpublished(info.to_json(slot.mid))
 
@@ -192,6 +202,11 @@ class SubscriberConnection:
         video_layer = getattr(self._events, "video_layer", None)
         if video_layer is not None:
             await video_layer(info.to_json(mid), choice.layer, choice.reason)
+
+    async def _audio_changed(self, state: dict[str, Any]) -> None:
+        audio_mode = getattr(self._events, "audio_mode", None)
+        if audio_mode is not None:
+            await audio_mode(state)
 
     def packets_received(self) -> int:
         """Packets (RTCP reports, mostly) that arrived from the subscriber."""

@@ -467,3 +467,6 @@ class _SubscriberEvents:
         await self._send(
             {"type": "video_quality", "track": track, "layer": layer, "reason": reason}
         )
+
+    async def audio_mode(self, state: dict[str, Any]) -> None:
+        await self._send({"type": "audio_mode", **state})

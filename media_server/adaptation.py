@@ -34,6 +34,7 @@ from .allocator import (
     PAUSED,
     PRIORITY_OTHER,
     PRIORITY_SCREEN,
+    PRIORITY_SPEAKER,
     Allocator,
     AudioRule,
     Choice,
@@ -364,7 +365,10 @@ class SubscriberAdaptation:
 
     # -- the periodic decision ------------------------------------------------
 
-    async def tick(self, slots: list[Slot], now: float | None = None) -> None:
+    async def tick(
+        self, slots: list[Slot], now: float | None = None, speaker: str | None = None
+    ) -> None:
+        """One decision; ``speaker``: the room's active speaker (its camera goes first)."""
         now = time.monotonic() if now is None else now
         delivered = video = 0
         active: set[int] = set()
@@ -409,7 +413,7 @@ class SubscriberAdaptation:
                 rate = self._measure(slot.forwarder, now)
                 originals.append(AUDIO_BPS if rate is None else max(AUDIO_MIN_BPS, int(rate)))
                 continue
-            videos.append((slot, self._candidate(slot.forwarder, now)))
+            videos.append((slot, self._candidate(slot.forwarder, now, speaker)))
         audio_reserve = await self._audio(estimate, originals, slots)
         self._audio_reserve = audio_reserve
         choices = self.allocator.allocate(estimate, [c for _, c in videos], audio_reserve, 1)
@@ -441,14 +445,22 @@ class SubscriberAdaptation:
             self._original_bps[track_id] = rate if prev is None else 0.7 * prev + 0.3 * rate
         return self._original_bps.get(track_id)
 
-    def _candidate(self, forwarder: Forwarder, now: float) -> VideoCandidate:
+    def _candidate(
+        self, forwarder: Forwarder, now: float, speaker: str | None = None
+    ) -> VideoCandidate:
         original = int(max(self._measure(forwarder, now) or 0.0, MIN_ORIGINAL_BPS))
         layers = [Layer(ORIGINAL, original)]
         layers += [
             Layer(r.name, wire_bps(r.bitrate, r.fps))
             for r in self.pool.rungs_for(forwarder, original)
         ]
-        priority = PRIORITY_SCREEN if forwarder.info.source == "screen" else PRIORITY_OTHER
+        info = forwarder.info
+        if info.source == "screen":
+            priority = PRIORITY_SCREEN
+        elif info.participant_id == speaker and info.source == "camera":
+            priority = PRIORITY_SPEAKER
+        else:
+            priority = PRIORITY_OTHER
         return VideoCandidate(forwarder.info.id, priority, tuple(layers))
 
     async def _apply(self, slot: Slot, choice: Choice) -> None:

@@ -16,6 +16,7 @@ from .errors import NegotiationError
 from .estimator import EstimateSnapshot
 from .forwarder import Forwarder
 from .publisher import PublisherConnection
+from .speaker import SpeakerDetector
 from .subscriber import SubscriberConnection, SubscriberEvents
 
 logger = logging.getLogger(__name__)
@@ -36,6 +37,7 @@ class MediaParticipant:
     ) -> None:
         self.room = room
         self.id = participant_id
+        self.events = events
         self.can_publish = can_publish
         self._on_failed = on_failed
         self.publisher: PublisherConnection | None = None
@@ -98,6 +100,7 @@ class MediaRoom:
         self.forwarders: dict[str, Forwarder] = {}
         self.listeners: list[TrackListener] = []
         self._tasks: set[asyncio.Task[None]] = set()
+        self.speaker = SpeakerDetector()
 
     def __repr__(self) -> str:
         return f"MediaRoom({self.id})"
@@ -123,8 +126,10 @@ class MediaRoom:
             on_failed=on_failed,
         )
         self.participants[participant_id] = participant
-        if self.ladders is not None and self._adapt_task is None:
+        if self._adapt_task is None:
             self._adapt_task = asyncio.ensure_future(self._adapt_loop())
+        if self.speaker.speaker is not None:
+            self._spawn(_tell_speaker(participant, self.speaker.speaker))
         if participant.subscriber is not None:
             for forwarder in list(self.forwarders.values()):
                 if forwarder.info.participant_id != participant_id:
@@ -227,6 +232,7 @@ class MediaRoom:
             "subscribers": subscribers,
             "ladders": ladders,
             "layers": layers,
+            "speaker": self.speaker.speaker,
             "estimates": estimates,
             "audio": audio,
             "audio_mix": self.mixer.stats() if self.mixer is not None else {},
@@ -237,17 +243,33 @@ class MediaRoom:
         return not self.participants
 
     async def _adapt_loop(self) -> None:
-        """Every ADAPT_INTERVAL_S: each subscriber's estimate decides what it receives."""
+        """Every ADAPT_INTERVAL_S: the active speaker, then (if adaptive) what each
+        subscriber receives, decided by its estimate."""
         while True:
             await asyncio.sleep(ADAPT_INTERVAL_S)
+            self._update_speaker(time.monotonic())
+            if self.ladders is None:
+                continue
             for participant in list(self.participants.values()):
                 sub = participant.subscriber
                 if sub is None:
                     continue
                 try:
-                    await sub.adapt()
+                    await sub.adapt(self.speaker.speaker)
                 except Exception:
                     logger.exception("%r: adaptation failed for %s", self, participant.id)
+
+    def _update_speaker(self, now: float) -> None:
+        activity: dict[str, float] = {}
+        for forwarder in self.forwarders.values():
+            if forwarder.info.kind == "audio":
+                pid = forwarder.info.participant_id
+                activity[pid] = max(activity.get(pid, 0.0), forwarder.voice_activity(now))
+        if self.speaker.update(activity, now):
+            speaker = self.speaker.speaker
+            logger.info("%r: active speaker %s", self, speaker)
+            for participant in list(self.participants.values()):
+                self._spawn(_tell_speaker(participant, speaker))
 
     async def close(self) -> None:
         task, self._adapt_task = self._adapt_task, None
@@ -273,3 +295,9 @@ def _estimate_json(snapshot: EstimateSnapshot) -> dict[str, Any]:
         "delivered_bps": snapshot.delivered_bps,
         "state": snapshot.state,
     }
+
+
+async def _tell_speaker(participant: MediaParticipant, speaker: str | None) -> None:
+    active_speaker = getattr(participant.events, "active_speaker", None)
+    if active_speaker is not None and not participant.closed:
+        await active_speaker(speaker)

@@ -193,10 +193,11 @@ class SubscriberConnection:
         if again:
             await self.negotiate()
 
-    async def adapt(self) -> None:
-        """One adaptation step (called periodically by the room)."""
+    async def adapt(self, speaker: str | None = None) -> None:
+        """One adaptation step (called periodically by the room); ``speaker``: the
+        active speaker, whose camera is served first."""
         if self.adaptation is not None and not self._closed:
-            await self.adaptation.tick(self._slots)
+            await self.adaptation.tick(self._slots, speaker=speaker)
 
     async def _layer_changed(self, info: TrackInfo, mid: str | None, choice: Choice) -> None:
         video_layer = getattr(self._events, "video_layer", None)

@@ -470,3 +470,6 @@ class _SubscriberEvents:
 
     async def audio_mode(self, state: dict[str, Any]) -> None:
         await self._send({"type": "audio_mode", **state})
+
+    async def active_speaker(self, participant_id: str | None) -> None:
+        await self._send({"type": "active_speaker", "participant_id": participant_id})

@@ -8,10 +8,16 @@ import sys
 import time
 from pathlib import Path
 from types import TracebackType
+from typing import Any
+
+import aiohttp
 
 
 class ServiceError(RuntimeError):
     """A service could not be started."""
+
+
+ADMIN_KEY = "test-admin-key"
 
 
 def free_port() -> int:
@@ -54,7 +60,7 @@ class KonsiliumServer:
             "--data-dir",
             str(self.data_dir),
             "--admin-api-key",
-            "test-admin-key",
+            ADMIN_KEY,
             *self._extra,
         ]
         log = self.log_path.open("wb")
@@ -102,6 +108,16 @@ class KonsiliumServer:
             grants=frozenset(Grant(g) for g in grants),
             ttl_s=ttl_s,
         )
+
+    async def media(self, room: str = "room-1") -> dict[str, Any]:
+        """``GET /api/rooms/{room}/media``: forwarding counters, layers, audio modes."""
+        headers = {"Authorization": f"Bearer {ADMIN_KEY}"}
+        async with aiohttp.ClientSession() as session:
+            async with session.get(f"{self.url}/api/rooms/{room}/media", headers=headers) as r:
+                if r.status != 200:
+                    raise ServiceError(f"media stats of {room}: HTTP {r.status}")
+                data: dict[str, Any] = await r.json()
+                return data
 
     def stop(self) -> None:
         proc, self._proc = self._proc, None

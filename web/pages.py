@@ -53,6 +53,38 @@ def _asset_version(name: str) -> str:
         return "0"
 
 
+def page_context(request: web.Request, assets: Any, **extra: Any) -> dict[str, Any]:
+    """What every page's template gets: the language picked, its strings, the assets."""
+    lang = pick_language(request.query.get("lang"), request.headers.get("Accept-Language"))
+    context: dict[str, Any] = {
+        "lang": lang,
+        "languages": SUPPORTED_LANGUAGES,
+        "t": translations(lang),
+        "assets": assets,
+    }
+    context.update(extra)
+    return context
+
+
+def render_page(
+    template: str,
+    request: web.Request,
+    context: dict[str, Any],
+    status: int = 200,
+    *,
+    no_store: bool = False,
+) -> web.Response:
+    response: web.Response = aiohttp_jinja2.render_template(
+        template, request, context, status=status
+    )
+    response.headers.update(COMMON_HEADERS)
+    # The chosen language depends on Accept-Language.
+    response.headers["Vary"] = "Accept-Language"
+    if no_store:
+        response.headers["Cache-Control"] = "no-store"
+    return response
+
+
 class _Pages:
     """Request handlers; holds the asset versions computed once at start-up."""
 
@@ -60,26 +92,12 @@ class _Pages:
         self.assets = {name: _asset_version(name) for name in ("room.css", "room.js")}
 
     def _context(self, request: web.Request, **extra: Any) -> dict[str, Any]:
-        lang = pick_language(request.query.get("lang"), request.headers.get("Accept-Language"))
-        context: dict[str, Any] = {
-            "lang": lang,
-            "languages": SUPPORTED_LANGUAGES,
-            "t": translations(lang),
-            "assets": self.assets,
-        }
-        context.update(extra)
-        return context
+        return page_context(request, self.assets, **extra)
 
     def _render(
         self, template: str, request: web.Request, context: dict[str, Any], status: int = 200
     ) -> web.Response:
-        response: web.Response = aiohttp_jinja2.render_template(
-            template, request, context, status=status
-        )
-        response.headers.update(COMMON_HEADERS)
-        # The chosen language depends on Accept-Language.
-        response.headers["Vary"] = "Accept-Language"
-        return response
+        return render_page(template, request, context, status)
 
     async def index(self, request: web.Request) -> web.Response:
         return self._render("index.html", request, self._context(request))

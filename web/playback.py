@@ -34,7 +34,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import aiohttp_jinja2
 from aiohttp import web
 
 from recording.errors import RecordingError
@@ -51,8 +50,7 @@ from recording.segments import validate_track_id
 from recording.storage import is_encrypted_recording, open_media, read_first_entry
 from signalling.appkeys import RECORDINGS, ROOMS, TOKENS
 from signalling.auth import AuthError, Claims, Grant
-from web.i18n import SUPPORTED_LANGUAGES, pick_language, translations
-from web.pages import COMMON_HEADERS, STATIC_DIR
+from web.pages import STATIC_DIR, page_context, render_page
 
 log = logging.getLogger(__name__)
 
@@ -138,27 +136,13 @@ class _Playback:
     # ------------------------------------------------------------ page
 
     def _context(self, request: web.Request, **extra: Any) -> dict[str, Any]:
-        lang = pick_language(request.query.get("lang"), request.headers.get("Accept-Language"))
-        context: dict[str, Any] = {
-            "lang": lang,
-            "languages": SUPPORTED_LANGUAGES,
-            "t": translations(lang),
-            "assets": self.assets,
-            "base": f"/recordings/{request.match_info['id']}",
-        }
-        context.update(extra)
-        return context
+        base = f"/recordings/{request.match_info['id']}"
+        return page_context(request, self.assets, base=base, **extra)
 
     def _render(
         self, template: str, request: web.Request, context: dict[str, Any], status: int = 200
     ) -> web.Response:
-        response: web.Response = aiohttp_jinja2.render_template(
-            template, request, context, status=status
-        )
-        response.headers.update(COMMON_HEADERS)
-        response.headers["Vary"] = "Accept-Language"
-        response.headers["Cache-Control"] = "no-store"
-        return response
+        return render_page(template, request, context, status, no_store=True)
 
     async def page(self, request: web.Request) -> web.Response:
         token = _bearer(request) or request.cookies.get(COOKIE)

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Any
-
-import aiohttp
 
 from media_server.bot import Bot
 from media_server.clip import Clip
@@ -17,15 +14,6 @@ from tests.services import KonsiliumServer
 # the viewer keeps coming back to.  Its 3 audio originals (3 x 56 kbit/s of a
 # 300 kbit/s link) usually become one mix (see test_audio_mix.py).
 WINDOW_S = 15
-
-
-async def _media(server: KonsiliumServer) -> dict[str, Any]:
-    headers = {"Authorization": "Bearer test-admin-key"}
-    async with aiohttp.ClientSession() as session:
-        async with session.get(f"{server.url}/api/rooms/room-1/media", headers=headers) as r:
-            assert r.status == 200
-            data: dict[str, Any] = await r.json()
-            return data
 
 
 async def test_satellite_viewer_gets_lower_rungs_and_audio_while_others_keep_originals(
@@ -46,11 +34,11 @@ async def test_satellite_viewer_gets_lower_rungs_and_audio_while_others_keep_ori
         # converge: the estimate must fall and the allocator move the weak viewer off originals
         for _ in range(40):
             await asyncio.sleep(1)
-            layers = (await _media(server))["layers"]
+            layers = (await server.media())["layers"]
             weak_layers = layers.get("weak", {})
             if len(weak_layers) == 3 and all(v != "original" for v in weak_layers.values()):
                 break
-        media = await _media(server)
+        media = await server.media()
         weak_layers = media["layers"].get("weak", {})
         assert len(weak_layers) == 3, f"weak viewer was never adapted: {media['layers']}"
         assert all(v != "original" for v in weak_layers.values()), (
@@ -74,7 +62,7 @@ async def test_satellite_viewer_gets_lower_rungs_and_audio_while_others_keep_ori
             if video_frames() - before >= 5:
                 flowing = True
                 break
-        media = await _media(server)
+        media = await server.media()
         assert flowing, (
             f"video never resumed on satellite: {media['layers']}; {link.stats()}; "
             f"{media['subscribers']['weak']}; {media['ladders']}"
@@ -89,7 +77,7 @@ async def test_satellite_viewer_gets_lower_rungs_and_audio_while_others_keep_ori
         sent0 = publishers[1].sent("video")
         await asyncio.sleep(WINDOW_S)
         audio = {p.id: weak.stats.frames_from(p.id, "audio") - audio0[p.id] for p in publishers}
-        mode = (await _media(server))["audio"]["weak"]
+        mode = (await server.media())["audio"]["weak"]
         # "keeps receiving audio": not interrupted (loss is measured by the benchmark)
         if mode["mode"] == "mix":
             # one mix of everyone (see test_audio_mix.py), 40 or 60 ms frames, on one mid

@@ -7,8 +7,6 @@ import itertools
 import time
 from typing import Any
 
-import aiohttp
-
 from media_server.bot import Bot
 from media_server.clip import Clip
 from media_server.linkemu import Fate, LinkEmulator, get_profile
@@ -62,15 +60,6 @@ class Listener(Bot):
         await super()._handle(msg)
 
 
-async def _media(server: KonsiliumServer) -> dict[str, Any]:
-    headers = {"Authorization": "Bearer test-admin-key"}
-    async with aiohttp.ClientSession() as session:
-        async with session.get(f"{server.url}/api/rooms/room-1/media", headers=headers) as r:
-            assert r.status == 200
-            data: dict[str, Any] = await r.json()
-            return data
-
-
 async def test_edge_viewer_gets_one_mix_and_continuous_audio_while_others_keep_originals(
     server: KonsiliumServer, clip: Clip
 ) -> None:
@@ -87,10 +76,10 @@ async def test_edge_viewer_gets_one_mix_and_continuous_audio_while_others_keep_o
         mixing: dict[str, Any] = {}
         for _ in range(60):
             await asyncio.sleep(1)
-            mixing = (await _media(server))["audio"].get("weak", {})
+            mixing = (await server.media())["audio"].get("weak", {})
             if mixing.get("mode") == "mix":
                 break
-        media = await _media(server)
+        media = await server.media()
         assert mixing.get("mode") == "mix", (
             f"no mix on edge: {media['audio']}; {media['layers']}; {link.stats()}"
         )
@@ -115,7 +104,7 @@ async def test_edge_viewer_gets_one_mix_and_continuous_audio_while_others_keep_o
         good0 = publishers[0].stats.frames_from(publishers[1].id, "audio")
         await asyncio.sleep(WINDOW_S)
         t1 = time.monotonic()
-        media = await _media(server)
+        media = await server.media()
         assert media["audio"]["weak"]["mode"] == "mix", "left the mix on edge"
         window = [(at, mid) for at, mid in weak.audio_at if t0 <= at <= t1]
         mids = {mid for _, mid in window}

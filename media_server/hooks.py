@@ -76,7 +76,9 @@ from .speaker import AudioLevel
 logger = logging.getLogger(__name__)
 
 PASSTHROUGH_MIME_TYPES = frozenset({"video/vp8", "video/h264", "audio/opus"})
-GAP_MAX_WAIT_S = 0.25  # how long a lost video packet may hold back newer frames
+GAP_MAX_WAIT_S = 0.25  # how long a lost video packet may hold back newer frames ...
+GAP_WAIT_CAP_S = 1.0  # ... at most, once repairs are seen to take longer (satellite)
+GAP_REPAIR_MARGIN = 1.3  # wait this much longer than a typical repair took
 
 
 class HookError(RuntimeError):
@@ -161,16 +163,30 @@ class GapSkippingJitterBuffer(JitterBuffer):
         self._max_wait_s = max_wait_s
         self._blocked_since: float | None = None
         self.gaps_skipped = 0
+        # how long repairs take on this link (NACK -> retransmission), learnt from the
+        # holes that were filled: on a satellite link a repair takes over 600 ms, and
+        # giving up after 250 ms turns every lost packet into a keyframe request
+        self._highest: int | None = None
+        self._missing: dict[int, float] = {}  # sequence number -> when it was missed
+        self.repair_s: float | None = None  # smoothed repair time
+
+    @property
+    def max_wait_s(self) -> float:
+        """How long a hole may hold back newer frames now."""
+        if self.repair_s is None:
+            return self._max_wait_s
+        return min(GAP_WAIT_CAP_S, max(self._max_wait_s, GAP_REPAIR_MARGIN * self.repair_s))
 
     def add(self, packet: Any) -> tuple[bool, Any]:
+        now = time.monotonic()
+        self._learn_repair_time(packet.sequence_number, now)
         pli, frame = super().add(packet)
         if frame is not None or self._origin is None or not self._hole_before(packet):
             self._blocked_since = None
             return pli, frame
-        now = time.monotonic()
         if self._blocked_since is None:
             self._blocked_since = now
-        if now - self._blocked_since < self._max_wait_s:
+        if now - self._blocked_since < self.max_wait_s:
             return pli, frame
         # waited long enough for a repair: jump to the newest frame that can be
         # complete, dropping the older ones (stale by now) and the one with the hole
@@ -182,6 +198,26 @@ class GapSkippingJitterBuffer(JitterBuffer):
                 packet.sequence_number
             )
         return pli, frame
+
+    def _learn_repair_time(self, seq: int, now: float) -> None:
+        missed_at = self._missing.pop(seq, None)
+        if missed_at is not None:  # a hole filled: that is how long a repair takes
+            took = now - missed_at
+            self.repair_s = took if self.repair_s is None else 0.8 * self.repair_s + 0.2 * took
+            return
+        highest = self._highest
+        if highest is None:
+            self._highest = seq
+            return
+        ahead = (seq - highest) & 0xFFFF
+        if ahead == 0 or ahead >= 0x8000:
+            return  # a duplicate or an old packet
+        self._highest = seq
+        for gap in range(1, min(ahead, 64)):
+            self._missing[(highest + gap) & 0xFFFF] = now
+        if len(self._missing) > 256:  # never repaired: forget the oldest
+            for old in sorted(self._missing, key=self._missing.__getitem__)[:128]:
+                del self._missing[old]
 
     def _hole_before(self, packet: Any) -> bool:
         assert self._origin is not None

@@ -71,3 +71,26 @@ def test_gap_skipping_jitter_buffer_does_not_freeze_behind_a_lost_packet() -> No
     for seq, ts, marker in ((0, 1000, False), (1, 1000, True), (3, 2000, True), (4, 3000, True)):
         plain.add(_rtp(seq, ts, marker))  # type: ignore[arg-type]
     assert plain.add(_rtp(5, 4000, True))[1] is None  # type: ignore[arg-type]
+
+
+def test_gap_skipping_waits_longer_once_repairs_are_seen_to_take_longer() -> None:
+    """On a satellite link a retransmission takes ~0.7 s: giving up after 0.25 s would
+    turn every lost packet into a keyframe request."""
+    import time
+
+    buffer = hooks.GapSkippingJitterBuffer(capacity=512, max_wait_s=0.02)
+    assert buffer.max_wait_s == 0.02
+    buffer.add(_rtp(0, 1000, True))
+    buffer.add(_rtp(2, 3000, True))  # seq 1 missing
+    time.sleep(0.06)
+    buffer.add(_rtp(1, 2000, True))  # ... repaired 60 ms later
+    assert buffer.repair_s is not None and buffer.repair_s >= 0.05
+    assert buffer.max_wait_s >= 1.3 * 0.05
+    # a new hole now waits for its repair instead of jumping after 20 ms
+    buffer.add(_rtp(4, 5000, True))  # seq 3 missing
+    time.sleep(0.03)
+    _, frame = buffer.add(_rtp(5, 6000, True))
+    assert buffer.gaps_skipped == 0 and frame is None
+    _, frame = buffer.add(_rtp(3, 4000, True))  # the repair arrives: frames flow, in order
+    assert frame is not None and buffer.gaps_skipped == 0
+    assert hooks.GAP_WAIT_CAP_S >= buffer.max_wait_s

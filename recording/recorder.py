@@ -102,6 +102,8 @@ class StopResult:
     sealed: bool
     tracks: int
     segments: int
+    worker_cpu_s: float = 0.0  # CPU the track writers' threads spent, for the benchmark
+    loop_s: float = 0.0  # time the tracks' sinks took on the event loop
 
 
 # ---------------------------------------------------------------- writer + sink
@@ -154,15 +156,18 @@ class _Track:
     writer: _Writer
     recorder: Recorder
     announced: bool = False
+    loop_s: float = 0.0  # time spent here on the event loop (the forwarding path's share)
 
     def push(self, item: Any) -> None:
         """Forwarder sink: on the event loop, for every packet; must stay cheap."""
         if not isinstance(item, MediaPacket):
             return  # decoded frames (reencode mode) are not recorded
+        started = time.perf_counter()
         self.writer.push(item)
         if not self.announced and self.writer.first_packet_wall is not None:
             self.announced = True
             self.recorder._track_started(self)
+        self.loop_s += time.perf_counter() - started
 
 
 # ---------------------------------------------------------------- recorder
@@ -220,6 +225,7 @@ class Recorder:
         self._capturing = not self.options.consent_required
         self._people: dict[str, _Person] = {}
         self._tracks: dict[Forwarder, _Track] = {}
+        self._all_tracks: list[_Track] = []  # every track of the recording, for its CPU time
         self._names: set[str] = set()
         self._closing: set[asyncio.Task[None]] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -438,6 +444,7 @@ class Recorder:
         )
         track = _Track(name, forwarder, writer, self)
         self._tracks[forwarder] = track
+        self._all_tracks.append(track)
         self.counters.tracks += 1
         forwarder.attach(track)
         if kind_ == "video":
@@ -593,7 +600,14 @@ class Recorder:
         loop = asyncio.get_running_loop()
         sealed = await loop.run_in_executor(self._executor, self._seal, reason)
         self.state = "stopped"
-        result = StopResult(reason, sealed, self.counters.tracks, self.counters.segments)
+        result = StopResult(
+            reason,
+            sealed,
+            self.counters.tracks,
+            self.counters.segments,
+            worker_cpu_s=sum(t.writer.stats.cpu_s for t in self._all_tracks),
+            loop_s=sum(t.loop_s for t in self._all_tracks),
+        )
         log.info(
             "%r: stopped (%s), %d tracks, %d segments, %s",
             self,

@@ -132,6 +132,7 @@ class WriterStats:
     segments: int = 0
     keyframe_requests: int = 0
     errors: int = 0
+    cpu_s: float = 0.0  # thread CPU time spent muxing, sealing and writing (off the loop)
     overlong_segments: int = 0
 
 
@@ -515,18 +516,22 @@ class TrackWriter:
     # ------------------------------------------------------------ worker side
 
     def _drain(self) -> None:
-        while True:
-            with self._lock:
-                if not self._queue:
-                    self._draining = False
-                    return
-                batch = list(self._queue)
-                self._queue.clear()
-            for item in batch:
-                if item is _CLOSE:
-                    self._finish_close()
-                else:
-                    self._write(item)
+        started = time.thread_time()
+        try:
+            while True:
+                with self._lock:
+                    if not self._queue:
+                        self._draining = False
+                        return
+                    batch = list(self._queue)
+                    self._queue.clear()
+                for item in batch:
+                    if item is _CLOSE:
+                        self._finish_close()
+                    else:
+                        self._write(item)
+        finally:
+            self.stats.cpu_s += time.thread_time() - started
 
     def _write(self, item: _Item) -> None:
         packet = item.packet

@@ -19,10 +19,10 @@ from recording.render_jobs import RenderBusy
 from .appkeys import RECORDINGS, RENDER_JOBS, ROOMS
 from .errors import BadRequest, KonsiliumError, NotFound
 from .protocol import CONSULTATION_ID_RE, PATIENT_REF_RE, ROOM_ID_RE
-from .rest_rooms import require_admin
+from .rest_body import read_json_object
+from .rest_rooms import ADMIN_ACTOR, require_admin
 
 T = TypeVar("T")
-ADMIN_ACTOR = "admin-api"
 MAX_BODY_BYTES = 4096
 
 
@@ -44,19 +44,9 @@ def _room(request: web.Request) -> str:
 
 async def _start_options(request: web.Request) -> dict[str, Any]:
     """The optional JSON body of a start: consultation_id, patient_ref, consent_required."""
-    if not request.can_read_body:
+    body = await read_json_object(request, MAX_BODY_BYTES)
+    if body is None:
         return {}
-    raw = await request.content.read(MAX_BODY_BYTES + 1)
-    if len(raw) > MAX_BODY_BYTES:
-        raise BadRequest(f"the body is larger than {MAX_BODY_BYTES} bytes")
-    if not raw.strip():
-        return {}
-    try:
-        body = json.loads(raw)
-    except ValueError:
-        raise BadRequest("the body is not JSON") from None
-    if not isinstance(body, dict):
-        raise BadRequest("the body must be a JSON object")
     unknown = set(body) - {"consultation_id", "patient_ref", "consent_required"}
     if unknown:
         raise BadRequest(f"unknown field {sorted(unknown)[0]!r}")
@@ -105,6 +95,8 @@ async def stop_recording(request: web.Request) -> web.Response:
             "sealed": result.sealed,
             "tracks": result.tracks,
             "segments": result.segments,
+            "worker_cpu_s": round(result.worker_cpu_s, 3),
+            "loop_s": round(result.loop_s, 3),
         }
     )
 

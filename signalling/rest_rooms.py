@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import hmac
+import time
 
 from aiohttp import web
 
 from .appkeys import ROOMS, SETTINGS, SFU, STORE
-from .errors import Forbidden, NotFound, Unauthorized
+from .errors import BadRequest, Forbidden, NotFound, Unauthorized
 from .protocol import ROOM_ID_RE
+from .rest_body import read_json_object
+from .room_settings import RoomSettings, parse_room_settings, parse_title
+from .store import RoomRecord
+
+ADMIN_ACTOR = "admin-api"
+MAX_BODY_BYTES = 4096
 
 
 def require_admin(request: web.Request) -> None:
@@ -54,9 +61,7 @@ async def get_room(request: web.Request) -> web.Response:
     participants = await request.app[STORE].list_participants(room_id)
     return web.json_response(
         {
-            "id": record.id,
-            "title": record.title,
-            "created_at": record.created_at,
+            **_room_json(record),
             "participants": [
                 {
                     "id": p.participant_id,
@@ -73,6 +78,45 @@ async def get_room(request: web.Request) -> web.Response:
     )
 
 
+async def put_room(request: web.Request) -> web.Response:
+    """``PUT /api/rooms/{room}``: create or reconfigure a room (title and settings).
+
+    Body: ``{"title": …, "settings": {consent_required, auto_record, retention_days,
+    patient_ref, consultation_id}}``; the settings given replace the room's.
+    """
+    require_admin(request)
+    room_id = request.match_info["room"]
+    if not ROOM_ID_RE.match(room_id):
+        raise BadRequest("a room id is 1..128 letters, digits, '.', '-' or '_'")
+    body = await read_json_object(request, MAX_BODY_BYTES) or {}
+    unknown = set(body) - {"title", "settings"}
+    if unknown:
+        raise BadRequest(f"unknown field {sorted(unknown)[0][:64]!r}")
+    settings = parse_room_settings(body.get("settings", {}))
+    store = request.app[STORE]
+    existing = await store.get_room(room_id)
+    record = RoomRecord(
+        id=room_id,
+        title=parse_title(body.get("title"), existing.title if existing else room_id),
+        created_at=existing.created_at if existing else time.time(),
+        settings=settings.to_json(),
+    )
+    await store.put_room(record)
+    await request.app[ROOMS].audit(
+        ADMIN_ACTOR, "room_configure", room_id, "ok", settings=settings.to_json()
+    )
+    return web.json_response(_room_json(record), status=200 if existing else 201)
+
+
+def _room_json(record: RoomRecord) -> dict[str, object]:
+    return {
+        "id": record.id,
+        "title": record.title,
+        "created_at": record.created_at,
+        "settings": RoomSettings.from_record(record.settings).to_json(),
+    }
+
+
 async def room_media(request: web.Request) -> web.Response:
     """Live forwarding counters of a room on this node (for operators and benchmarks)."""
     require_admin(request)
@@ -85,4 +129,5 @@ async def room_media(request: web.Request) -> web.Response:
 def add_room_routes(app: web.Application) -> None:
     app.router.add_get("/api/rooms", list_rooms)
     app.router.add_get("/api/rooms/{room}", get_room)
+    app.router.add_put("/api/rooms/{room}", put_room)
     app.router.add_get("/api/rooms/{room}/media", room_media)

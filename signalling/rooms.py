@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -25,6 +25,7 @@ from recording.registry import NotRecording, RecordingActive, Recordings, Record
 from .auth import Claims, Grant
 from .errors import KonsiliumError
 from .protocol import PROTOCOL_VERSION
+from .room_settings import RoomSettings
 from .store import AuditEvent, ParticipantRecord, RoomRecord, Store
 
 logger = logging.getLogger(__name__)
@@ -81,6 +82,7 @@ class Room:
         self.id = room_id
         self.participants: dict[str, Participant] = {}
         self.lock = asyncio.Lock()
+        self.auto_recorded = False  # auto_record fires once while the room is live
 
     def __repr__(self) -> str:
         return f"Room({self.id})"
@@ -108,7 +110,7 @@ class RoomRegistry:
         self.rooms: dict[str, Room] = {}
         self.recordings = recordings
         self._stopped_by: dict[str, str] = {}  # recording id -> who asked for the stop
-        self._expiries: set[asyncio.Task[None]] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
         if recordings is not None:
             recordings.stopped_listeners.append(self._recording_stopped)
 
@@ -134,7 +136,20 @@ class RoomRegistry:
             room.participants[participant.id] = participant
             await self._admit(room, participant, on_media_failed, resumed=False)
         logger.info("%r: %s joined as %s", room, participant.id, claims.role)
+        if not room.auto_recorded and self.recordings is not None:
+            self._spawn(self._auto_record(room))
         return participant
+
+    async def _auto_record(self, room: Room) -> None:
+        """A room configured with ``auto_record`` is recorded from its first join."""
+        settings = await self._room_settings(room.id)
+        if not settings.auto_record or room.auto_recorded or self._recorder(room.id) is not None:
+            return
+        room.auto_recorded = True
+        try:
+            await self.start_recording(room.id, started_by="auto")
+        except KonsiliumError as exc:
+            logger.warning("%r: automatic recording did not start: %s", room, exc.code)
 
     async def _resume(
         self,
@@ -255,9 +270,12 @@ class RoomRegistry:
         )
 
     def _spawn_expiry(self, room: Room, participant: Participant) -> None:
-        task = asyncio.ensure_future(self._expire(room, participant))
-        self._expiries.add(task)
-        task.add_done_callback(self._expiries.discard)
+        self._spawn(self._expire(room, participant))
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def _expire(self, room: Room, participant: Participant) -> None:
         async with room.lock:
@@ -332,8 +350,8 @@ class RoomRegistry:
     ) -> Recorder:
         """Start recording a live room and tell everyone in it (``recording_started``).
 
-        ``consent_required`` None takes the room's setting (``settings.consent_required``
-        of its store record, default false).
+        ``consent_required``, ``consultation_id`` and ``patient_ref`` not given take
+        the room's settings (see :mod:`signalling.room_settings`).
         """
         if self.recordings is None:
             raise RecordingRefused("recording is not available", code="recording_unavailable")
@@ -341,8 +359,11 @@ class RoomRegistry:
         media_room = self.sfu.rooms.get(room_id)
         if room is None or not room.participants or media_room is None:
             raise RecordingRefused("nobody is in the room", code="room_not_live")
+        settings = await self._room_settings(room_id)
         if consent_required is None:
-            consent_required = await self._consent_required_setting(room_id)
+            consent_required = settings.consent_required
+        consultation_id = consultation_id or settings.consultation_id
+        patient_ref = patient_ref or settings.patient_ref
         options = RecordingOptions(consultation_id, patient_ref, consent_required)
         async with room.lock:
             if not room.participants or self.sfu.rooms.get(room_id) is not media_room:
@@ -404,13 +425,13 @@ class RoomRegistry:
             by, "recording_stop", recorder.id, outcome, room=recorder.room_id, reason=result.reason
         )
 
-    async def _consent_required_setting(self, room_id: str) -> bool:
+    async def _room_settings(self, room_id: str) -> RoomSettings:
         try:
             record = await self.store.get_room(room_id)
         except Exception:
-            logger.exception("room %s: settings unreadable, consent not required", room_id)
-            return False
-        return record is not None and record.settings.get("consent_required") is True
+            logger.exception("room %s: settings unreadable, defaults used", room_id)
+            return RoomSettings()
+        return RoomSettings() if record is None else RoomSettings.from_record(record.settings)
 
     async def audit(
         self, actor: str, action: str, target: str, outcome: str, **detail: object
@@ -439,7 +460,7 @@ class RoomRegistry:
                     participant.grace.cancel()
                 await participant.connection.kick("shutdown", "the server is shutting down", 1001)
                 await self.leave(participant, "shutdown")
-        for task in list(self._expiries):
+        for task in list(self._tasks):
             task.cancel()
 
 

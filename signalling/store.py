@@ -91,6 +91,10 @@ class Store(Protocol):
         """Store a new room; False (and no change) if a room with that id exists."""
         ...
 
+    async def put_room(self, room: RoomRecord) -> None:
+        """Store a room, replacing one with the same id (its title and settings change)."""
+        ...
+
     async def get_room(self, room_id: str) -> RoomRecord | None: ...
 
     async def list_rooms(self) -> list[RoomRecord]:
@@ -251,6 +255,10 @@ class MemoryStore:
             return False
         self._rooms[room.id] = encoded
         return True
+
+    async def put_room(self, room: RoomRecord) -> None:
+        self._check_open()
+        self._rooms[room.id] = encode_room(room)
 
     async def get_room(self, room_id: str) -> RoomRecord | None:
         self._check_open()

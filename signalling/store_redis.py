@@ -164,6 +164,11 @@ class RedisStore:
         with self._call("create_room"):
             return bool(await self._redis.hsetnx(self._rooms_key, room.id, encoded))
 
+    async def put_room(self, room: RoomRecord) -> None:
+        encoded = encode_room(room)
+        with self._call("put_room"):
+            await self._redis.hset(self._rooms_key, room.id, encoded)
+
     async def get_room(self, room_id: str) -> RoomRecord | None:
         with self._call("get_room"):
             encoded = await self._redis.hget(self._rooms_key, room_id)

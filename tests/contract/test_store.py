@@ -85,6 +85,16 @@ async def test_creating_a_room_twice_returns_false_and_keeps_the_first(store: St
     assert await store.list_rooms() == [first]
 
 
+async def test_put_room_replaces_settings_and_creates_when_missing(store: Store) -> None:
+    await store.put_room(room("r1", consent_required=True))
+    assert (await store.get_room("r1")) == room("r1", consent_required=True)
+    changed = room("r1", consent_required=False, retention_days=30)
+    await store.put_room(changed)
+    assert await store.get_room("r1") == changed
+    assert await store.list_rooms() == [changed]
+    assert await store.create_room(room("r1")) is False  # it exists
+
+
 async def test_concurrent_creates_of_one_room_let_exactly_one_win(store: Store) -> None:
     results = await asyncio.gather(*(store.create_room(room("r1", n=n)) for n in range(20)))
     assert sorted(results) == [False] * 19 + [True]

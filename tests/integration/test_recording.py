@@ -454,3 +454,66 @@ async def test_encrypted_recording_verifies_without_the_key_and_reads_with_it(
         assert done.returncode == 0, done.stderr
         bundle = Bundle.model_validate(json.loads(out.read_text()))
         assert "Участник chair" in out.read_text() and bundle.entry
+
+
+async def test_room_settings_auto_record_with_consent_and_the_patient_of_the_room(
+    server: KonsiliumServer, clip: Clip, tmp_path: Path
+) -> None:
+    """An integrating system configures a room before the council: it is recorded from
+    the first join, asks for consent, and its records name the room's patient."""
+    room_api = f"{server.url}/api/rooms/room-1"
+    settings = {
+        "auto_record": True,
+        "consent_required": True,
+        "patient_ref": "Patient/42",
+        "consultation_id": "cons-7",
+        "retention_days": 30,
+    }
+    async with aiohttp.ClientSession() as http:
+        async with http.put(room_api, json={"settings": settings}) as resp:
+            assert resp.status == 401
+        http.headers.update(ADMIN)
+        bad = {"settings": {"auto_record": "yes"}}
+        async with http.put(room_api, json=bad) as resp:
+            assert resp.status == 400
+            assert "auto_record" in (await resp.json())["error"]["message"]
+        async with http.put(room_api, json={"settings": {"retention": 3}}) as resp:
+            assert resp.status == 400
+            assert "retention" in (await resp.json())["error"]["message"]
+        async with http.put(room_api, json={"title": "Консилиум", "settings": settings}) as resp:
+            assert resp.status == 201, await resp.text()
+        async with http.put(room_api, json={"title": "Консилиум", "settings": settings}) as resp:
+            assert resp.status == 200  # reconfigured, not created
+        async with http.get(room_api) as resp:
+            room = await resp.json()
+            assert room["title"] == "Консилиум" and room["settings"] == settings
+
+        chair = await _bot(server, clip, "chair", RECORD)
+        try:
+            # recorded from the first join, asking everyone for consent
+            for _ in range(50):
+                if chair.got("recording_started"):
+                    break
+                await asyncio.sleep(0.1)
+            started = chair.got("recording_started")
+            assert started, "the room was not recorded automatically"
+            assert started[0]["consent_required"] is True
+            await chair.send({"type": "consent", "granted": True})
+            await asyncio.sleep(2)
+            async with http.delete(f"{room_api}/recording") as resp:
+                assert resp.status == 200, await resp.text()
+        finally:
+            await chair.stop()
+
+    directory = _recording_dir(server)
+    out = tmp_path / "export.json"
+    done = _konsilium(
+        "export", directory.name, "--fhir", "--out", str(out), "--data-dir", str(server.data_dir)
+    )
+    assert done.returncode == 0, done.stderr
+    bundle = json.loads(out.read_text())
+    resources = [e["resource"] for e in bundle["entry"]]
+    doc = next(r for r in resources if r["resourceType"] == "DocumentReference")
+    assert doc["subject"] == {"reference": "Patient/42"}
+    encounter = next(r for r in resources if r["resourceType"] == "Encounter")
+    assert "cons-7" in json.dumps(encounter["identifier"])  # the room's consultation

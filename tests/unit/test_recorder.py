@@ -24,7 +24,7 @@ from media_server.packet import MediaPacket
 from media_server.room import MediaRoom
 from recording.cli import fhir_export
 from recording.manifest import RecordingKeys, read_entries
-from recording.recorder import ParticipantInfo, RecordingOptions, StopResult
+from recording.recorder import ParticipantInfo, RecordingOptions
 from recording.registry import NotRecording, RecordingActive, Recordings
 from recording.verify import verify_recording
 from signalling import cli
@@ -216,7 +216,9 @@ async def test_records_present_and_late_tracks_with_events_consent_and_seal(
     await a_audio.drained()
 
     _, result = await recordings.stop(ROOM)
-    assert result == StopResult("stopped", True, 3, result.segments) and result.segments >= 6
+    assert (result.reason, result.sealed, result.tracks) == ("stopped", True, 3)
+    assert result.segments >= 6
+    assert result.worker_cpu_s > 0 and result.loop_s > 0  # what the benchmark reports
     assert recordings.get(ROOM) is None
     assert all(f.sink_count == 0 for f in room.forwarders.values())
 

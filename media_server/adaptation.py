@@ -416,7 +416,10 @@ class SubscriberAdaptation:
             videos.append((slot, self._candidate(slot.forwarder, now, speaker)))
         audio_reserve = await self._audio(estimate, originals, slots)
         self._audio_reserve = audio_reserve
-        choices = self.allocator.allocate(estimate, [c for _, c in videos], audio_reserve, 1)
+        mixing = self.audio_mode is not None and self.audio_mode.mixing
+        choices = self.allocator.allocate(
+            estimate, [c for _, c in videos], audio_reserve, 1, cautious=mixing
+        )
         for slot, candidate in videos:
             choice = choices.get(candidate.track_id)
             if choice is not None:

@@ -85,6 +85,8 @@ PRIORITY_SCREEN = 3
 PRIORITY_SPEAKER = 2
 PRIORITY_OTHER = 0
 
+CAUTIOUS_MARGIN = 1.15  # headroom an upgrade needs on a link whose audio is mixed
+
 
 @dataclass(frozen=True, slots=True)
 class Layer:
@@ -152,6 +154,7 @@ class Allocator:
         self.config = config or AllocatorConfig()
         self._state: dict[str, _TrackState] = {}
         self._calls = 0
+        self._cautious = False
 
     def allocate(
         self,
@@ -159,8 +162,16 @@ class Allocator:
         videos: Sequence[VideoCandidate],
         audio_bps: int,
         audio_tracks: int = 1,
+        *,
+        cautious: bool = False,
     ) -> dict[str, Choice]:
-        """Choose a layer for every video; ``audio_bps`` is per audio track."""
+        """Choose a layer for every video; ``audio_bps`` is per audio track.
+
+        ``cautious``: the link is so small that audio needed a mix.  An upgrade
+        is a probe that fills the one queue audio shares with video, so it needs
+        :data:`CAUTIOUS_MARGIN` of headroom and twice the streak.
+        """
+        self._cautious = cautious
         ids = [video.track_id for video in videos]
         if len(set(ids)) != len(ids):
             raise ValueError("a track is listed twice")
@@ -219,10 +230,12 @@ class Allocator:
             return _choice(fits, layers)
         if state.upgraded_at is not None and self._calls - state.upgraded_at > cfg.probe_calls:
             state.upgraded_at, state.backoff = None, 1  # the last upgrade held
-        up = _best_within(layers, remaining / cfg.upgrade_margin)
+        margin = cfg.upgrade_margin * (CAUTIOUS_MARGIN if self._cautious else 1.0)
+        up = _best_within(layers, remaining / margin)
         if _rank(layers, up) > _rank(layers, current):
             state.streak += 1
-            if state.streak >= cfg.upgrade_calls * state.backoff:
+            calls = cfg.upgrade_calls * state.backoff * (2 if self._cautious else 1)
+            if state.streak >= calls:
                 state.layer, state.streak, state.upgraded_at = _name(up), 0, self._calls
                 return _choice(up, layers)
         else:

@@ -207,3 +207,18 @@ def test_lowest_layer_is_kept_when_the_budget_is_just_short_of_it() -> None:
     # far short: paused
     choice = allocator.allocate(190_000, [video], 56_000, audio_tracks=3)["v"]
     assert choice.paused
+
+
+def test_a_cautious_upgrade_needs_headroom_and_twice_the_streak() -> None:
+    """With audio mixed, the link is tiny: a probe crowds out audio, so probe less."""
+    video = [camera("a", PRIORITY_SPEAKER)]
+    rung = {layer.name: layer.bitrate for layer in video[0].layers}
+    alloc = Allocator(AllocatorConfig(upgrade_calls=3))
+    assert alloc.allocate(rung["144p"], video, 0, 1, cautious=True)["a"].layer == "144p"
+    # the next rung fits exactly: not enough headroom for a cautious probe
+    for _ in range(10):
+        assert alloc.allocate(rung["180p"], video, 0, 1, cautious=True)["a"].layer == "144p"
+    # with 15 % headroom it goes up, after 6 calls instead of 3
+    roomy = rung["180p"] * 1.16
+    layers = [alloc.allocate(roomy, video, 0, 1, cautious=True)["a"].layer for _ in range(6)]
+    assert layers == ["144p"] * 5 + ["180p"]

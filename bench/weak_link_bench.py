@@ -76,6 +76,7 @@ import logging
 import math
 import multiprocessing
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -386,6 +387,7 @@ class PhaseResult:
     other_cpu: float  # % of a core used by processes outside the benchmark (noise)
     mix_share: float = 0.0  # share of the phase the weak viewer got one audio mix
     end_audio: str = ""  # "originals" or "mix <format> x<copies>" at the end of the phase
+    estimate_kbps: float | None = None  # the server's estimate for the weak viewer (median)
 
     @property
     def audio_interrupted(self) -> bool:
@@ -514,6 +516,7 @@ def analyse_phase(
     audio_app: AudioSeen,
     pids: Sequence[str],
     adaptive: bool,
+    estimate_series: Sequence[tuple[float, dict[str, Any]]] = (),
 ) -> PhaseResult:
     t0, t1 = b0.t, b1.t
     dur = t1 - t0
@@ -569,7 +572,19 @@ def analyse_phase(
         ladder_cpu=100 * ladder_cpu / dur,
         mix_share=audio.mix_share(t0, t1),
         end_audio=audio.mode_at(t1 - 0.01),
+        estimate_kbps=_median_estimate(estimate_series, t0, t1),
     )
+
+
+def _median_estimate(
+    series: Sequence[tuple[float, dict[str, Any]]], t0: float, t1: float
+) -> float | None:
+    values = [
+        float(e["estimate_bps"]) / 1000
+        for t, e in series
+        if t0 < t <= t1 and isinstance(e.get("estimate_bps"), int | float)
+    ]
+    return statistics.median(values) if values else None
 
 
 # -- one mode ---------------------------------------------------------------------
@@ -582,6 +597,7 @@ async def run_mode(
     data_dir = Path(tempfile.mkdtemp(prefix=f"konsilium-weak-{mode}-"))
     extra = ("--adaptation", "on" if adaptive else "off", "--log-level", "WARNING")
     link = LinkEmulator(get_profile(phases[0]), seed=args.seed, name="weak")
+    trace: list[str] | None = [] if args.trace is not None else None
     with KonsiliumServer(data_dir, extra_args=extra) as srv:
         workers = Workers(args.workers)
         viewer: WeakViewer | None = None
@@ -618,7 +634,9 @@ async def run_mode(
 
             ticks: list[Sample] = []
             layer_series: list[tuple[float, dict[str, str]]] = []
+            estimate_series: list[tuple[float, dict[str, Any]]] = []
             stop = asyncio.Event()
+            t_zero = time.monotonic()
 
             async def sampler() -> None:
                 assert viewer is not None
@@ -633,9 +651,30 @@ async def run_mode(
                 while not stop.is_set():
                     with contextlib.suppress(aiohttp.ClientError, TimeoutError, ValueError):
                         stats = await media_stats(session, srv.url)
-                        layer_series.append(
-                            (time.monotonic(), dict(stats.get("layers", {}).get("weak", {})))
-                        )
+                        now = time.monotonic()
+                        layers = dict(stats.get("layers", {}).get("weak", {}))
+                        layer_series.append((now, layers))
+                        estimate = stats.get("estimates", {}).get("weak")
+                        if isinstance(estimate, dict):
+                            estimate_series.append((now, estimate))
+                        if trace is not None:
+                            line = {"t": round(now - t_zero, 2), "profile": link.profile.name}
+                            copies = stats.get("video_copies", {}).get("weak")
+                            line.update(layers=layers, estimate=estimate, copies=copies)
+                            backlog = link.down.model.backlog(asyncio.get_running_loop().time())
+                            down = link.stats().down
+                            frames = {
+                                p: t.frames
+                                for (p, kind), t in viewer.stats.received.items()
+                                if kind == "video"
+                            }
+                            line.update(
+                                frames=frames,
+                                backlog_ms=round(1000 * backlog),
+                                queue_drops=down.dropped_queue,
+                                lost=down.dropped_loss,
+                            )
+                            trace.append(json.dumps(line) + "\n")
                     await asyncio.sleep(LAYER_POLL_S)
 
             async def boundary() -> Boundary:
@@ -690,6 +729,7 @@ async def run_mode(
                     seen_app,
                     pids,
                     adaptive,
+                    estimate_series,
                 )
                 for i, profile in enumerate(phases)
             ]
@@ -737,6 +777,9 @@ async def run_mode(
             await session.close()
             await workers.stop()
             link.close()
+            if trace is not None:
+                path = Path(f"{args.trace}.{mode}.jsonl")
+                await asyncio.to_thread(path.write_text, "".join(trace), encoding="utf-8")
 
 
 # -- printing ---------------------------------------------------------------------
@@ -768,6 +811,7 @@ def mode_lines(r: ModeResult) -> list[str]:
     heads = [
         "phase",
         "link kbit/s",
+        "estimate kbit/s",
         "video kbit/s",
         "link use kbit/s",
         "queue drops",
@@ -797,6 +841,7 @@ def mode_lines(r: ModeResult) -> list[str]:
             [
                 p.profile,
                 "∞" if p.link_kbps is None else f"{p.link_kbps:.0f}",
+                "—" if p.estimate_kbps is None else f"{p.estimate_kbps:.0f}",
                 f"{p.video_kbps:.0f}",
                 f"{p.link_down_kbps:.0f}",
                 str(p.queue_drops),
@@ -993,6 +1038,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--settle", type=float, default=3.0, help="seconds before the first phase")
     parser.add_argument("--seed", type=int, default=3, help="link emulator seed")
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument(
+        "--trace",
+        type=Path,
+        help="write the weak viewer's layers and estimate every 0.5 s to TRACE.<mode>.jsonl",
+    )
     parser.add_argument("--report-json", type=Path, help="only print the report of a --json file")
     args = parser.parse_args(argv)
     if args.report_json:

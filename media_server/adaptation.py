@@ -48,6 +48,8 @@ from .estimator import BandwidthEstimator, EstimatorConfig
 from .forwarder import Forwarder, TrackInfo
 from .ladder import DEFAULT_RUNGS, Ladder, Rung, usable_rungs
 from .packet import wire_bps
+from .queuedelay import QueueDelay
+from .repeat import VideoRepeat
 
 if TYPE_CHECKING:
     from .subscriber import Slot
@@ -71,6 +73,7 @@ MAX_REPORT_PACKETS = 10_000  # a report covering more is not about this stream's
 # a stream idle this long (paused video, audio unbound while mixing): its next report is stale
 STALE_AFTER_IDLE_S = 1.0
 RETRANSMIT_SHARE = 0.15  # of the estimate, for resending lost packets
+SUSPECT_REMB_S = 2.0  # a REMB fall is followed if round trips show a queue this soon
 RETRANSMIT_PACKET_BYTES = 1000
 LOSS_SMOOTHING_PACKETS = 500  # a report block weighs (packets it covers) / this, up to 0.3
 # Start at the ceiling: a viewer is moved off the original only on evidence.
@@ -85,6 +88,7 @@ ESTIMATOR = EstimatorConfig(
     loss_increase_below=0.05,
     remb_recovery_fraction=0.7,
     delivered_floor_share=0.9,
+    judge_loss_packets=60,
 )
 
 
@@ -178,6 +182,15 @@ class LadderPool:
 LayerListener = Callable[[TrackInfo, str | None, Choice], Awaitable[None]]
 
 
+def _repeated(candidate: VideoCandidate, copies: int) -> VideoCandidate:
+    """``candidate`` with every rung costing ``copies`` times its rate (originals once)."""
+    layers = tuple(
+        layer if layer.name == ORIGINAL else Layer(layer.name, layer.bitrate * copies)
+        for layer in candidate.layers
+    )
+    return VideoCandidate(candidate.track_id, candidate.priority, layers)
+
+
 class SubscriberAdaptation:
     """One subscriber's estimate, allocation and the switches that follow."""
 
@@ -194,6 +207,10 @@ class SubscriberAdaptation:
         self.estimator = BandwidthEstimator(ESTIMATOR)
         self.allocator = Allocator()
         self.audio_rule = AudioRule()
+        self.video_repeat = VideoRepeat()
+        self.queue_delay = QueueDelay()
+        self._suspect_remb: tuple[int, float] | None = None  # a fall no queue confirmed yet
+        self.rembs_unconfirmed = 0
         self.audio_mode = AudioMode(label, mixer, on_audio) if mixer is not None else None
         self._on_layer = on_layer
         self._loss: float | None = None  # smoothed over the receiver reports
@@ -219,6 +236,7 @@ class SubscriberAdaptation:
         self._idle_since: dict[int, float] = {}  # DownTrack -> since when it sends nothing
         self._stale: set[int] = set()  # DownTracks idle long enough: next report is an origin
         self._resumed_at: dict[int, float] = {}  # video DownTrack -> when it left "paused"
+        self._repeated: set[int] = set()  # video DownTracks whose packets are sent twice
 
     def __repr__(self) -> str:
         return f"SubscriberAdaptation({self.label})"
@@ -284,13 +302,30 @@ class SubscriberAdaptation:
         expected = 0 if previous is None else report.highest_sequence - previous
         if not 0 <= expected <= MAX_REPORT_PACKETS:
             expected = 0  # a restarted stream or a bogus report: a new origin
-        if expected > 0:
+        if expected > 0 and key not in self._repeated:
+            # a repeated stream's receiver keeps the first copy: its reports hide the loss
             weight = min(0.3, expected / LOSS_SMOOTHING_PACKETS)
             loss = report.fraction_lost
             self._loss = loss if self._loss is None else self._loss + weight * (loss - self._loss)
-        self.estimator.on_receiver_report(
-            report.fraction_lost, report.rtt_s, time.monotonic(), expected
-        )
+        # an idle sender's SRs all carry the NTP time of its last packet, so aiortc
+        # matches a block about an older SR to the newest one: too short an RTT
+        now = time.monotonic()
+        idle = key in self._idle_since
+        rtt = None if idle else report.rtt_s
+        if rtt is not None and report.rtt_sample_s is not None:
+            # aiortc's RTT is smoothed (0.85): after a link change it lags by seconds,
+            # and a stale short RTT lets loss cuts compound (they are spaced by it)
+            rtt = max(rtt, report.rtt_sample_s)
+        self.estimator.on_receiver_report(report.fraction_lost, rtt, now, expected)
+        if not idle and report.rtt_sample_s is not None:
+            self.queue_delay.add(report.rtt_sample_s, now)
+            suspect = self._suspect_remb
+            if suspect is not None and now - suspect[1] <= SUSPECT_REMB_S:
+                if self.queue_delay.confirms(now):  # the queue showed up after the REMB
+                    self._suspect_remb = None
+                    self.estimator.on_remb(suspect[0], now)
+            else:
+                self._suspect_remb = None
 
     def _allow_retransmissions(
         self, resent: dict[int, float], lost: list[int], now: float
@@ -334,7 +369,11 @@ class SubscriberAdaptation:
         :data:`REMB_CONGESTION_FRACTION` of the delivered rate is its
         delay-based detector seeing a queue: follow it, if it fell (a receiver
         ramping up from its start value is also below what we send).  A REMB at or above the
-        estimate only raises the cap.  ``video_remb`` is the video part of ``bps``
+        estimate only raises the cap.  A fall is followed only if round trips show
+        the queue (:mod:`queuedelay`) now or within :data:`SUSPECT_REMB_S`: on a
+        link with jitter the detectors fire without one.  Until then it is a
+        ceiling: the estimate stays but does not rise past it.  ``video_remb`` is
+        the video part of ``bps``
         (aiortc sends one REMB per video stream, libwebrtc one that often lists
         only the video streams; the audio reserve is added to make ``bps``): it
         is compared with the video we deliver, or audio would hide the overuse.
@@ -353,7 +392,13 @@ class SubscriberAdaptation:
         congested = (
             falling and delivered is not None and measured < REMB_CONGESTION_FRACTION * delivered
         )
-        if congested or bps >= self.estimator.estimate_bps(now):
+        if congested and not self.queue_delay.confirms(now):
+            # jitter, not a queue (round trips did not grow): wait for one to show
+            self._suspect_remb = (bps, now)
+            self.rembs_unconfirmed += 1
+            self.estimator.on_remb_ceiling(bps, now)
+        elif congested or bps >= self.estimator.estimate_bps(now):
+            self._suspect_remb = None
             self.estimator.on_remb(bps, now)
 
     def _video_delivered_bps(self, now: float) -> int | None:
@@ -417,6 +462,18 @@ class SubscriberAdaptation:
         audio_reserve = await self._audio(estimate, originals, slots)
         self._audio_reserve = audio_reserve
         mixing = self.audio_mode is not None and self.audio_mode.mixing
+        rungs = [layer.bitrate for _, c in videos for layer in c.layers if layer.name != ORIGINAL]
+        # the link's own round trip (the floor of the recent samples), not one a
+        # queue inflated: repeating into congestion would only add to it
+        base_rtt = self.queue_delay.base_s(now)
+        copies = self.video_repeat.decide(
+            self._loss,
+            base_rtt if base_rtt is not None else self.estimator.snapshot(now).rtt_s,
+            estimate - audio_reserve,
+            min(rungs, default=None),
+        )
+        if copies > 1:  # each rung costs its copies
+            videos = [(slot, _repeated(c, copies)) for slot, c in videos]
         choices = self.allocator.allocate(
             estimate, [c for _, c in videos], audio_reserve, 1, cautious=mixing
         )
@@ -424,6 +481,20 @@ class SubscriberAdaptation:
             choice = choices.get(candidate.track_id)
             if choice is not None:
                 await self._apply(slot, choice)
+                self._repeat(slot, copies if choice.layer not in (ORIGINAL, PAUSED) else 1)
+
+    def _repeat(self, slot: Slot, copies: int) -> None:
+        """Send every packet of ``slot`` ``copies`` times from now on."""
+        key = id(slot.downtrack)
+        if copies > 1:
+            self._repeated.add(key)
+        elif key not in self._repeated:
+            return
+        else:
+            self._repeated.discard(key)
+        sender = getattr(slot.transceiver, "sender", None)
+        if sender is not None:
+            hooks.repeat_packets(sender, copies, on_copy=slot.downtrack.count_repeat)
 
     async def _audio(self, estimate: int, originals: list[int], slots: list[Slot]) -> int:
         """Originals or one mix (audio first): returns what audio takes on the wire."""
@@ -431,7 +502,14 @@ class SubscriberAdaptation:
             return sum(originals)
         mode = self.audio_mode
         measured = int(self._mix_bps) if mode.mixing and self._mix_bps is not None else None
-        plan = self.audio_rule.decide(estimate, originals, MIX_LAYERS, self._loss, measured)
+        plan = self.audio_rule.decide(
+            estimate,
+            originals,
+            MIX_LAYERS,
+            self._loss,
+            measured,
+            video_repeated=self.video_repeat.link_needs,
+        )
         if not plan.mixing:
             self._mix_bps = None
         await mode.apply(plan, slots)

@@ -53,7 +53,12 @@ originals or one *mix* of them (``media_server.audiomix``) and its reserve:
   ``upgrade_calls`` (10) calls in a row (each change restarts the encoder).
   On a lossy link (smoothed loss >= 1 %, until < 0.4 %) each packet is sent
   twice if the doubled rate fits ``repeat_share`` (50 %) of the estimate: two
-  copies of a cheaper format are preferred to one of a better format;
+  copies of a cheaper format are preferred to one of a better format.  When
+  the video is sent twice as well (``video_repeated``, a long round trip:
+  :mod:`media_server.repeat`) the two copies get ``repeat_share_with_video``
+  (35 %) when two copies of some format still fit that: a wideband
+  16 kbit/s voice leaves room for a picture that does not freeze, 24 kbit/s
+  would not, and audio's own second copy comes before the picture's;
 * **the reserve** taken before any video: the originals' measured rates, or
   the mix's nominal wire rate (all copies) or its measured rate if higher.
 
@@ -303,6 +308,7 @@ class AudioRuleConfig:
     format_dead_band: float = 0.85  # the current format is kept while it costs <= cap / this
     upgrade_calls: int = 10
     repeat_share: float = 0.5  # two copies of the mix may take this share of the estimate
+    repeat_share_with_video: float = 0.35  # ... while video packets are repeated too
     repeat_above_loss: float = 0.01
     repeat_below_loss: float = 0.004
 
@@ -340,6 +346,7 @@ class AudioRule:
         mix_layers: Sequence[Layer],
         loss: float | None = None,
         measured_mix_bps: int | None = None,
+        video_repeated: bool = False,
     ) -> AudioPlan:
         """``originals_bps``: each watched audio original's wire rate; ``mix_layers``: the
         mix formats with one copy's wire rate; ``loss``: smoothed loss (0..1), if known."""
@@ -374,26 +381,41 @@ class AudioRule:
                 return AudioPlan(AUDIO_ORIGINALS, total)
         else:
             self._streak = 0
-        layer, copies = self._choose_format(budget, mix_layers)
+        layer, copies = self._choose_format(budget, mix_layers, video_repeated)
         reserve = max(layer.bitrate * copies, measured_mix_bps or 0)
         return AudioPlan(AUDIO_MIX, reserve, layer, copies)
 
     def _to_originals(self) -> None:
         self._mixing, self._streak, self._option, self._up_streak = False, 0, None, 0
 
-    def _choose_format(self, budget: float, layers: Sequence[Layer]) -> tuple[Layer, int]:
+    def _choose_format(
+        self, budget: float, layers: Sequence[Layer], video_repeated: bool = False
+    ) -> tuple[Layer, int]:
         cfg = self.config
         best_first = sorted(layers, key=lambda layer: (-layer.bitrate, layer.name))
         options = [(layer, 2) for layer in best_first] if self._lossy else []
         options += [(layer, 1) for layer in best_first]
 
-        def cap(copies: int) -> float:
-            return (cfg.repeat_share if copies > 1 else cfg.mix_share) * budget
+        def best(repeat_share: float) -> int:
+            return next(
+                (
+                    i
+                    for i, (layer, n) in enumerate(options)
+                    if layer.bitrate * n <= (repeat_share if n > 1 else cfg.mix_share) * budget
+                ),
+                len(options) - 1,  # the cheapest single copy: audio is never paused
+            )
 
-        fits = next(
-            (i for i, (layer, n) in enumerate(options) if layer.bitrate * n <= cap(n)),
-            len(options) - 1,  # the cheapest single copy: audio is never paused
-        )
+        repeat_share = cfg.repeat_share
+        fits = best(repeat_share)
+        if video_repeated:  # leaner, but never at the cost of audio's own second copy
+            lean = best(cfg.repeat_share_with_video)
+            if options[lean][1] > 1:
+                repeat_share, fits = cfg.repeat_share_with_video, lean
+
+        def cap(copies: int) -> float:
+            return (repeat_share if copies > 1 else cfg.mix_share) * budget
+
         keys = [(layer.name, n) for layer, n in options]
         current = keys.index(self._option) if self._option in keys else None
         kept = current is not None and (

@@ -78,7 +78,8 @@ class DownTrack(MediaStreamTrack):
         # counters
         self.frames_forwarded = 0
         self.bytes_forwarded = 0
-        self.wire_bytes_forwarded = 0  # with RTP/SRTP/UDP/IP headers
+        self.wire_bytes_forwarded = 0  # with RTP/SRTP/UDP/IP headers, and repeated copies
+        self.wire_bytes_repeated = 0  # the repeated copies alone (see hooks.repeat_packets)
         self.frames_dropped = 0
         self.overflows = 0
         self.switches = 0
@@ -208,6 +209,11 @@ class DownTrack(MediaStreamTrack):
             self.wire_bytes_forwarded += wire_bytes(len(item.data))
             return self._rebased(item)
         return item
+
+    def count_repeat(self, nbytes: int) -> None:
+        """The sender sent a copy of one of this track's packets again (``nbytes`` on the wire)."""
+        self.wire_bytes_forwarded += nbytes
+        self.wire_bytes_repeated += nbytes
 
     def _rebased(self, packet: MediaPacket) -> MediaPacket:
         now = time.monotonic()

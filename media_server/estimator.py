@@ -23,11 +23,16 @@ The estimate is ``min(REMB, loss-based rate)``, clamped to ``[floor, ceiling]``
 and held with hysteresis, down fast and up slowly:
 
 * **REMB drop** — followed at once: the estimate never exceeds the last REMB.
+  (The adaptation first asks :mod:`queuedelay` whether round trips show a
+  queue; a fall they do not confirm only stops the rise: ``on_remb_ceiling``.)
 * **loss is judged over at least 20 packets** (libwebrtc's
   ``kLimitNumPackets``): report blocks that say how many packets they cover are
   pooled, across all the subscriber's streams, until 20 are covered; one lost
   packet of a 10 packet/s low rung is 2 % random loss on a satellite link, not
-  a 20 % loss event.
+  a 20 % loss event.  Unless the pooled loss is heavy, pooling goes on to
+  ``judge_loss_packets`` or ``judge_after_s``, whichever comes first: at 2 %
+  random loss a third of all 20-packet pools lose one packet (5 %), which
+  would hold the estimate most of the time.
 * **loss > 10 %** — congestion: the estimate is cut to
   ``min(estimate, delivered rate) x (1 - 0.5 x loss)``.  The delivered rate is
   used because the allocator may be sending far less than the estimate (rungs
@@ -90,6 +95,9 @@ class EstimatorConfig:
     remb_recovery_per_s: float = 0.5
     remb_max_age_s: float = 5.0  # an older REMB no longer caps the rise
     min_loss_packets: int = 20  # pool report blocks until they cover this many packets
+    # ... and, unless the loss is heavy (> loss_decrease_above), this many or for this long
+    judge_loss_packets: int = 20
+    judge_after_s: float = 1.0
     # a clean report raises the estimate to this share of the delivered rate (0 = off)
     delivered_floor_share: float = 0.0
 
@@ -104,8 +112,8 @@ class EstimatorConfig:
             raise ValueError("delivered_window_s must be > 0 and decrease_interval_s >= 0")
         if self.remb_max_age_s <= 0:
             raise ValueError("remb_max_age_s must be > 0")
-        if self.min_loss_packets < 1:
-            raise ValueError("min_loss_packets must be >= 1")
+        if not 1 <= self.min_loss_packets <= self.judge_loss_packets:
+            raise ValueError("need 1 <= min_loss_packets <= judge_loss_packets")
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,6 +147,7 @@ class BandwidthEstimator:
         self._first_delivery: float | None = None
         self._pooled_lost = 0.0  # report blocks not yet judged (see min_loss_packets)
         self._pooled_expected = 0
+        self._pool_started = 0.0
         self.decreases = 0  # counters, for stats
         self.increases = 0
 
@@ -151,6 +160,14 @@ class BandwidthEstimator:
         self._remb_at = now
         if self._remb < self._estimate:
             self._set(max(float(self.config.floor_bps), float(self._remb)), "decrease")
+
+    def on_remb_ceiling(self, bps: int, now: float) -> None:
+        """A REMB that may only stop the rise: the estimate stays, but grows no higher.
+
+        For a REMB fall that nothing else confirms (see :mod:`queuedelay`)."""
+        self._advance(now)
+        self._remb = max(0, int(bps))
+        self._remb_at = now
 
     def on_receiver_report(
         self, fraction_lost: float, rtt_s: float | None, now: float, expected: int | None = None
@@ -168,11 +185,19 @@ class BandwidthEstimator:
         if expected is not None:
             if expected <= 0:
                 return
+            if self._pooled_expected == 0:
+                self._pool_started = now
             self._pooled_lost += loss * expected
             self._pooled_expected += expected
             if self._pooled_expected < self.config.min_loss_packets:
                 return
             loss = min(1.0, self._pooled_lost / self._pooled_expected)
+            if (
+                loss <= self.config.loss_decrease_above
+                and self._pooled_expected < self.config.judge_loss_packets
+                and now - self._pool_started < self.config.judge_after_s
+            ):
+                return  # not heavy: pool on for a steadier figure
             self._pooled_lost, self._pooled_expected = 0.0, 0
         self._loss = loss
         cfg = self.config

@@ -203,6 +203,7 @@ class MediaRoom:
                     "dropped": slot.downtrack.frames_dropped,
                     "overflows": slot.downtrack.overflows,
                     "queued": slot.downtrack.queued,
+                    "repeated_bytes": slot.downtrack.wire_bytes_repeated,
                 }
                 for slot in sub.slots
             ]
@@ -220,6 +221,12 @@ class MediaRoom:
             and p.subscriber.adaptation is not None
             and p.subscriber.adaptation.audio_mode is not None
         }
+        # viewers whose video rungs are sent twice (see repeat.py)
+        video_copies = {
+            p.id: p.subscriber.adaptation.video_repeat.copies
+            for p in self.participants.values()
+            if p.subscriber is not None and p.subscriber.adaptation is not None
+        }
         now = time.monotonic()
         estimates = {
             p.id: _estimate_json(p.subscriber.adaptation.estimator.snapshot(now))
@@ -235,6 +242,7 @@ class MediaRoom:
             "speaker": self.speaker.speaker,
             "estimates": estimates,
             "audio": audio,
+            "video_copies": video_copies,
             "audio_mix": self.mixer.stats() if self.mixer is not None else {},
         }
 

@@ -105,3 +105,43 @@ async def test_satellite_viewer_gets_lower_rungs_and_audio_while_others_keep_ori
         for bot in publishers:
             await bot.stop()
         link.close()
+
+
+async def test_a_satellite_viewer_gets_its_rung_twice_and_the_picture_keeps_moving(
+    server: KonsiliumServer, clip: Clip
+) -> None:
+    """600 ms round trips and 2 % loss: NACK repairs would freeze the picture, copies do not."""
+    publisher = Bot(server.url, "room-1", server.mint("pub-a"), clip=clip, light=True)
+    link = LinkEmulator(get_profile("satellite"), seed=11)
+    weak = Bot(server.url, "room-1", server.mint("weak"), clip=clip, publish=False, link=link)
+    try:
+        await publisher.start()
+        await weak.start()
+        media = await server.media()
+        for _ in range(60):
+            await asyncio.sleep(1)
+            media = await server.media()
+            if media["video_copies"].get("weak") == 2:
+                break
+        assert media["video_copies"].get("weak") == 2, (
+            f"rung never repeated: {media['layers']} {media['estimates'].get('weak')}"
+        )
+        assert media["video_copies"].get(publisher.id) == 1  # a good viewer: nothing doubled
+        layer = media["layers"]["weak"]
+        assert all(v not in ("original", "paused") for v in layer.values()), layer
+
+        def repeated() -> int:
+            slots = media["subscribers"]["weak"]
+            return sum(int(s.get("repeated_bytes", 0)) for s in slots)
+
+        before_bytes = repeated()
+        frames0 = weak.stats.frames_from(publisher.id, "video")
+        await asyncio.sleep(10)
+        media = await server.media()
+        frames = weak.stats.frames_from(publisher.id, "video") - frames0
+        assert repeated() > before_bytes, "no copies went out"
+        assert frames >= 50, f"only {frames} frames in 10 s: {media['layers']}"
+    finally:
+        await weak.stop()
+        await publisher.stop()
+        link.close()

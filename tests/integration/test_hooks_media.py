@@ -55,3 +55,51 @@ async def test_passthrough_delivers_packets_and_pli_reaches_the_sender(clip: Cli
     finally:
         await sender_pc.close()
         await receiver_pc.close()
+
+
+async def test_repeated_packets_reach_the_receiver_twice_and_its_frames_once(clip: Clip) -> None:
+    """repeat_packets: every packet goes again on the RTX stream; the receiver keeps one."""
+    hooks.install_passthrough()
+    sender_pc = RTCPeerConnection(rtc_configuration())
+    receiver_pc = RTCPeerConnection(rtc_configuration())
+    video = ClipTrack("video", clip.video, 1 / clip.fps, 90000 // clip.fps)
+    transceiver = sender_pc.addTransceiver(video, direction="sendonly")
+    prefer_forwardable_codecs(transceiver)
+    copies: list[int] = []
+    got_track: asyncio.Future[object] = asyncio.get_running_loop().create_future()
+    receiver_pc.on("track", lambda t: got_track.done() or got_track.set_result(t))
+    try:
+        await sender_pc.setLocalDescription(await sender_pc.createOffer())
+        await receiver_pc.setRemoteDescription(sender_pc.localDescription)
+        await receiver_pc.setLocalDescription(await receiver_pc.createAnswer())
+        await sender_pc.setRemoteDescription(receiver_pc.localDescription)
+        track = await asyncio.wait_for(got_track, 10)
+        hooks.repeat_packets(transceiver.sender, 2, spacing_s=0.01, on_copy=copies.append)
+        assert hooks.repeated_copies(transceiver.sender) == 2
+        packets = []
+        while len(packets) < 60:
+            item = await asyncio.wait_for(track.recv(), 5)  # type: ignore[attr-defined]
+            if isinstance(item, MediaPacket):
+                packets.append(item)
+        pts = [p.pts for p in packets]
+        assert pts == sorted(set(pts)), "a repeated packet became a second frame"
+        assert len(copies) >= 50, f"only {len(copies)} copies went out"
+        assert all(n > 28 for n in copies)  # each counted with its headers
+        # the copies arrived as RTX (their own SSRC) as often as the originals
+        receiver = receiver_pc.getTransceivers()[0].receiver
+        streams = receiver._RTCRtpReceiver__remote_streams  # type: ignore[attr-defined]  # observe only
+        media = set(hooks.media_ssrcs(receiver))
+        counts = {ssrc: s.packets_received for ssrc, s in streams.items()}
+        rtx = [n for ssrc, n in counts.items() if ssrc not in media]
+        assert rtx and rtx[0] >= 0.8 * sum(counts[s] for s in media), counts
+        # one copy again: nothing more is repeated
+        hooks.repeat_packets(transceiver.sender, 1)
+        assert hooks.repeated_copies(transceiver.sender) == 1
+        await asyncio.sleep(0.1)
+        before = len(copies)
+        for _ in range(15):
+            await asyncio.wait_for(track.recv(), 5)  # type: ignore[attr-defined]
+        assert len(copies) == before
+    finally:
+        await sender_pc.close()
+        await receiver_pc.close()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from typing import Any, cast
 
+from media_server import hooks
 from media_server.adaptation import LadderPool, SubscriberAdaptation
 from media_server.downtrack import DownTrack
 from media_server.subscriber import Slot
@@ -59,3 +60,34 @@ async def test_a_remb_ramping_up_from_its_start_value_is_not_congestion() -> Non
     for share in (0.5, 0.55, 0.6, 0.7):
         feedback.on_remb(int(VIDEO_BPS * share), [1234])
     assert adaptation.estimator.estimate_bps(time.monotonic()) == before
+
+
+def _report(rtt_sample: float, highest: int) -> hooks.ReceiverReport:
+    return hooks.ReceiverReport(0.0, 0, 0, highest, rtt_s=rtt_sample, rtt_sample_s=rtt_sample)
+
+
+async def test_a_remb_fall_that_round_trips_do_not_confirm_only_stops_the_rise() -> None:
+    """Satellite jitter makes delay-based detectors fire with no queue: not congestion."""
+    adaptation, downtrack = await _adaptation_delivering(8.0)
+    feedback = adaptation.feedback(downtrack)
+    for i, rtt in enumerate([0.60, 0.62, 0.59, 0.61]):  # a steady 600 ms link
+        feedback.on_report(_report(rtt, 100 * (i + 1)))
+    before = adaptation.estimator.estimate_bps(time.monotonic())
+    feedback.on_remb(int(VIDEO_BPS * 0.95), [1234])
+    feedback.on_remb(int(VIDEO_BPS * 0.6), [1234])
+    assert adaptation.estimator.estimate_bps(time.monotonic()) == before
+    assert adaptation.rembs_unconfirmed == 1
+    # the queue shows in the next round trip: the fall is followed after all
+    feedback.on_report(_report(0.59 + 0.3, 500))
+    assert adaptation.estimator.estimate_bps(time.monotonic()) <= VIDEO_BPS * 0.6
+
+
+async def test_a_remb_fall_with_a_grown_round_trip_is_followed_at_once() -> None:
+    adaptation, downtrack = await _adaptation_delivering(8.0)
+    feedback = adaptation.feedback(downtrack)
+    for i, rtt in enumerate([0.05, 0.05, 0.05, 0.4]):  # 350 ms of queue
+        feedback.on_report(_report(rtt, 100 * (i + 1)))
+    feedback.on_remb(int(VIDEO_BPS * 0.95), [1234])
+    feedback.on_remb(int(VIDEO_BPS * 0.6), [1234])
+    assert adaptation.estimator.estimate_bps(time.monotonic()) <= VIDEO_BPS * 0.6
+    assert adaptation.rembs_unconfirmed == 0

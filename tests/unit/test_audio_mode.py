@@ -90,6 +90,17 @@ def test_a_lossy_link_gets_each_packet_twice_before_a_better_format() -> None:
     assert _option(rule, 300_000, loss=0.002)[2] == 1
 
 
+def test_while_video_is_repeated_too_two_copies_take_a_leaner_share() -> None:
+    def lean(estimate: float) -> tuple[str, int]:
+        plan = AudioRule().decide(estimate, FIVE, MIX_LAYERS, 0.02, video_repeated=True)
+        return (plan.layer.name if plan.layer else ""), plan.copies
+
+    assert lean(240_000) == (SECOND.name, 2)  # 74.4 <= 35 %, where 50 % allowed 90.4
+    assert lean(160_000) == (THIRD.name, 2)  # 49.6 kbit/s: room for the picture's copies
+    # the leaner share has no second copy to offer: audio keeps its own
+    assert lean(90_000) == (CHEAPEST.name, 2)
+
+
 def test_format_goes_down_at_once_and_up_after_a_streak() -> None:
     rule = AudioRule()
     assert _option(rule, 300_000)[1] == BEST.name

@@ -209,3 +209,35 @@ def test_the_delivered_floor_is_off_by_default() -> None:
     deliver(est, 300_000, 0.0, 2.0)
     est.on_receiver_report(0.0, 0.05, 2.0, expected=100)
     assert est.estimate_bps(2.0) == 60_000
+
+
+def test_moderate_loss_pools_on_to_judge_loss_packets_or_judge_after_s() -> None:
+    """At 2 % random loss one packet in a 20-packet pool reads 5 %: pool on."""
+    cfg = EstimatorConfig(initial_bps=300_000, judge_loss_packets=60, judge_after_s=1.0)
+    est = BandwidthEstimator(cfg)
+    deliver(est, 300_000, 0.0, 2.0)
+    est.on_receiver_report(0.05, 0.6, 2.0, expected=20)  # 1 of 20: not judged yet
+    assert est.snapshot(2.0).fraction_lost is None
+    est.on_receiver_report(0.0, 0.6, 2.2, expected=40)  # 1 of 60: judged, clean
+    assert est.snapshot(2.2).fraction_lost == pytest.approx(1 / 60)
+    est.on_receiver_report(0.05, 0.6, 3.0, expected=20)
+    est.on_receiver_report(0.05, 0.6, 4.1, expected=20)  # 40 packets, but over a second
+    assert est.snapshot(4.1).fraction_lost == pytest.approx(0.05)
+    # heavy loss is judged as soon as 20 packets are covered
+    est.on_receiver_report(0.5, 0.6, 4.2, expected=20)
+    assert est.snapshot(4.2).fraction_lost == pytest.approx(0.5)
+    assert est.estimate_bps(4.2) < 300_000
+
+
+def test_a_remb_ceiling_stops_the_rise_without_cutting() -> None:
+    est = BandwidthEstimator(EstimatorConfig(initial_bps=200_000))
+    deliver(est, 200_000, 0.0, 10.0)
+    est.on_remb_ceiling(150_000, 1.0)
+    assert est.estimate_bps(1.0) == 200_000  # not cut
+    for t in frange(1.0, 4.0, REPORT_EVERY):
+        est.on_receiver_report(0.0, 0.1, t)
+    assert est.estimate_bps(4.0) == 200_000  # and no rise past it
+    est.on_remb_ceiling(400_000, 4.0)
+    for t in frange(4.0, 6.0, REPORT_EVERY):
+        est.on_receiver_report(0.0, 0.1, t)
+    assert 200_000 < est.estimate_bps(6.0) <= 400_000

@@ -288,7 +288,7 @@ def test_rung_sizes_keep_the_aspect_ratio_and_never_upscale() -> None:
 
 def test_usable_rungs_sit_below_the_original_and_close_together() -> None:
     names = [r.name for r in usable_rungs(640, 360, 500_000)]
-    assert names == ["360p", "288p", "240p", "180p", "144p", "90p"]
+    assert names == ["360p", "288p", "240p", "180p", "144p", "120p", "90p"]
     ordered = sorted(DEFAULT_RUNGS, key=lambda r: r.bitrate)
     for lower, upper in itertools.pairwise(ordered):
         assert upper.bitrate <= 1.5 * lower.bitrate + 10_000  # reachable under REMB's clamp

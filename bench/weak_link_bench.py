@@ -23,6 +23,8 @@ originals only) runs in a fresh server.  Per phase, for the weak viewer:
   no RTP/SRTP/UDP headers) x 8 / phase length, against the profile's rate; **link
   kbit/s** is everything the emulator delivered downstream (UDP payloads: audio,
   video, RTX, RTCP, SRTP overhead);
+* **estimate kbit/s**: the median of the server's estimate for the weak viewer
+  (``estimates`` of the media endpoint, polled every 0.5 s);
 * **fps**: complete video frames received per second, all publishers together;
 * **freeze**: share of 100 ms ticks at which no new video frame from *any*
   publisher had arrived for more than 500 ms; "conv." counts only the ticks after
@@ -62,6 +64,9 @@ For the good viewers: video frames delivered / sent over the whole run (every
 publisher→viewer pair, capped per pair at what was sent).  Ladder CPU per
 publisher: the ladder's worker CPU seconds (``ladders[track].cpu_s``) over the
 run / run length, as % of one core.
+
+``--trace FILE`` writes, every 0.5 s and per mode, the weak viewer's layers,
+estimate, video copies and the emulated link's backlog to ``FILE.<mode>.jsonl``.
 
     python -m bench.weak_link_bench --phase-seconds 60
 """

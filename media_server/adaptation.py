@@ -463,9 +463,9 @@ class SubscriberAdaptation:
         self._audio_reserve = audio_reserve
         mixing = self.audio_mode is not None and self.audio_mode.mixing
         rungs = [layer.bitrate for _, c in videos for layer in c.layers if layer.name != ORIGINAL]
-        # the link's own round trip (the floor of the recent samples), not one a
+        # the link's own round trip (the floor of the last seconds' samples), not one a
         # queue inflated: repeating into congestion would only add to it
-        base_rtt = self.queue_delay.base_s(now)
+        base_rtt = self.queue_delay.recent_floor_s(now)
         copies = self.video_repeat.decide(
             self._loss,
             base_rtt if base_rtt is not None else self.estimator.snapshot(now).rtt_s,

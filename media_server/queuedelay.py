@@ -54,6 +54,15 @@ class QueueDelay:
             return None
         return min(rtt for _, rtt in self._samples)
 
+    def recent_floor_s(self, now: float, span_s: float = 3.0) -> float | None:
+        """The smallest round trip of the last ``span_s`` (None: no sample that recent).
+
+        What the link's round trip is now, after a change of link, sooner than
+        :meth:`base_s` (whose window still remembers the old link)."""
+        self._trim(now)
+        recent = [rtt for at, rtt in self._samples if now - at <= span_s]
+        return min(recent) if recent else None
+
     def queued_s(self, now: float) -> float | None:
         """The newest sample above the base (None: too few samples)."""
         base = self.base_s(now)

@@ -53,3 +53,14 @@ def test_bad_arguments() -> None:
     q = QueueDelay()
     q.add(-1.0, 0.0)  # ignored
     assert q.base_s(0.0) is None
+
+
+def test_the_recent_floor_follows_a_change_of_link_at_once() -> None:
+    q = QueueDelay(window_s=15.0)
+    for i in range(10):
+        q.add(0.15, i * 0.5)  # 3G
+    for i in range(6):
+        q.add(0.6 + 0.01 * i, 5.0 + i * 0.5)  # satellite from t = 5 s
+    assert q.base_s(8.0) == pytest.approx(0.15)  # the queue's floor remembers 3G
+    assert q.recent_floor_s(8.0) == pytest.approx(0.6)
+    assert q.recent_floor_s(30.0) is None

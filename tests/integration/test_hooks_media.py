@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from aiortc import RTCPeerConnection
+from aiortc import MediaStreamTrack, RTCPeerConnection
 
 from media_server import hooks
 from media_server.bot import ClipTrack
@@ -13,29 +13,50 @@ from media_server.packet import MediaPacket, is_vp8_keyframe
 from media_server.rtc import prefer_forwardable_codecs, rtc_configuration
 
 
+class VideoPair:
+    """A sender pc with the clip's video and a receiver pc, not yet connected."""
+
+    def __init__(self, clip: Clip) -> None:
+        hooks.install_passthrough()
+        self.sender_pc = RTCPeerConnection(rtc_configuration())
+        self.receiver_pc = RTCPeerConnection(rtc_configuration())
+        video = ClipTrack("video", clip.video, 1 / clip.fps, 90000 // clip.fps)
+        self.transceiver = self.sender_pc.addTransceiver(video, direction="sendonly")
+        prefer_forwardable_codecs(self.transceiver)
+        self._track: asyncio.Future[MediaStreamTrack] = asyncio.get_running_loop().create_future()
+
+        @self.receiver_pc.on("track")
+        def on_track(track: MediaStreamTrack) -> None:
+            if not self._track.done():
+                self._track.set_result(track)
+
+    async def connect(self) -> MediaStreamTrack:
+        """Offer/answer; returns the receiver's remote track."""
+        sender_pc, receiver_pc = self.sender_pc, self.receiver_pc
+        await sender_pc.setLocalDescription(await sender_pc.createOffer())
+        await receiver_pc.setRemoteDescription(sender_pc.localDescription)
+        await receiver_pc.setLocalDescription(await receiver_pc.createAnswer())
+        await sender_pc.setRemoteDescription(receiver_pc.localDescription)
+        return await asyncio.wait_for(self._track, 10)
+
+    async def close(self) -> None:
+        await self.sender_pc.close()
+        await self.receiver_pc.close()
+
+
 async def test_passthrough_delivers_packets_and_pli_reaches_the_sender(clip: Clip) -> None:
-    hooks.install_passthrough()
-    sender_pc = RTCPeerConnection(rtc_configuration())
-    receiver_pc = RTCPeerConnection(rtc_configuration())
-    video = ClipTrack("video", clip.video, 1 / clip.fps, 90000 // clip.fps)
-    transceiver = sender_pc.addTransceiver(video, direction="sendonly")
-    prefer_forwardable_codecs(transceiver)
+    pair = VideoPair(clip)
+    transceiver, receiver_pc = pair.transceiver, pair.receiver_pc
     requests: list[int] = []
     hooks.tap_sender(
         transceiver.sender,
         hooks.SenderFeedback(on_keyframe_request=lambda: requests.append(1)),
     )
     received: list[object] = []
-    got_track: asyncio.Future[object] = asyncio.get_running_loop().create_future()
-    receiver_pc.on("track", lambda t: got_track.done() or got_track.set_result(t))
     try:
-        await sender_pc.setLocalDescription(await sender_pc.createOffer())
-        await receiver_pc.setRemoteDescription(sender_pc.localDescription)
-        await receiver_pc.setLocalDescription(await receiver_pc.createAnswer())
-        await sender_pc.setRemoteDescription(receiver_pc.localDescription)
-        track = await asyncio.wait_for(got_track, 10)
+        track = await pair.connect()
         for _ in range(40):
-            received.append(await asyncio.wait_for(track.recv(), 5))  # type: ignore[attr-defined]
+            received.append(await asyncio.wait_for(track.recv(), 5))
         packets = [p for p in received if isinstance(p, MediaPacket)]
         assert len(packets) == 40, "passthrough decoder hook did not yield MediaPackets"
         assert packets[0].keyframe and is_vp8_keyframe(packets[0].data)
@@ -53,32 +74,21 @@ async def test_passthrough_delivers_packets_and_pli_reaches_the_sender(clip: Cli
             await asyncio.sleep(0.05)
         assert requests, "PLI sent through the receiver hook never reached the sender tap"
     finally:
-        await sender_pc.close()
-        await receiver_pc.close()
+        await pair.close()
 
 
 async def test_repeated_packets_reach_the_receiver_twice_and_its_frames_once(clip: Clip) -> None:
     """repeat_packets: every packet goes again on the RTX stream; the receiver keeps one."""
-    hooks.install_passthrough()
-    sender_pc = RTCPeerConnection(rtc_configuration())
-    receiver_pc = RTCPeerConnection(rtc_configuration())
-    video = ClipTrack("video", clip.video, 1 / clip.fps, 90000 // clip.fps)
-    transceiver = sender_pc.addTransceiver(video, direction="sendonly")
-    prefer_forwardable_codecs(transceiver)
+    pair = VideoPair(clip)
+    transceiver, receiver_pc = pair.transceiver, pair.receiver_pc
     copies: list[int] = []
-    got_track: asyncio.Future[object] = asyncio.get_running_loop().create_future()
-    receiver_pc.on("track", lambda t: got_track.done() or got_track.set_result(t))
     try:
-        await sender_pc.setLocalDescription(await sender_pc.createOffer())
-        await receiver_pc.setRemoteDescription(sender_pc.localDescription)
-        await receiver_pc.setLocalDescription(await receiver_pc.createAnswer())
-        await sender_pc.setRemoteDescription(receiver_pc.localDescription)
-        track = await asyncio.wait_for(got_track, 10)
+        track = await pair.connect()
         hooks.repeat_packets(transceiver.sender, 2, spacing_s=0.01, on_copy=copies.append)
         assert hooks.repeated_copies(transceiver.sender) == 2
-        packets = []
+        packets: list[MediaPacket] = []
         while len(packets) < 60:
-            item = await asyncio.wait_for(track.recv(), 5)  # type: ignore[attr-defined]
+            item = await asyncio.wait_for(track.recv(), 5)
             if isinstance(item, MediaPacket):
                 packets.append(item)
         pts = [p.pts for p in packets]
@@ -98,8 +108,7 @@ async def test_repeated_packets_reach_the_receiver_twice_and_its_frames_once(cli
         await asyncio.sleep(0.1)
         before = len(copies)
         for _ in range(15):
-            await asyncio.wait_for(track.recv(), 5)  # type: ignore[attr-defined]
+            await asyncio.wait_for(track.recv(), 5)
         assert len(copies) == before
     finally:
-        await sender_pc.close()
-        await receiver_pc.close()
+        await pair.close()

@@ -73,6 +73,8 @@ MAX_REPORT_PACKETS = 10_000  # a report covering more is not about this stream's
 # a stream idle this long (paused video, audio unbound while mixing): its next report is stale
 STALE_AFTER_IDLE_S = 1.0
 RETRANSMIT_SHARE = 0.15  # of the estimate, for resending lost packets
+RISE_LIMIT_FACTOR = 1.5  # on a lossy long-RTT link the estimate rises to at most this x delivered
+RISE_LIMIT_ADD_BPS = 10_000
 SUSPECT_REMB_S = 2.0  # a REMB fall is followed if round trips show a queue this soon
 RETRANSMIT_PACKET_BYTES = 1000
 LOSS_SMOOTHING_PACKETS = 500  # a report block weighs (packets it covers) / this, up to 0.3
@@ -443,6 +445,7 @@ class SubscriberAdaptation:
         if delivered > 0 and self._delivering_since is None:
             self._delivering_since = now
         self.estimator.on_delivered(delivered, now)
+        self.estimator.rise_limit_bps = self._rise_limit(now, video > 0)
         estimate = self.estimator.estimate_bps(now)
         if estimate < self._last_estimate * 0.9:
             logger.info(
@@ -482,6 +485,21 @@ class SubscriberAdaptation:
             if choice is not None:
                 await self._apply(slot, choice)
                 self._repeat(slot, copies if choice.layer not in (ORIGINAL, PAUSED) else 1)
+
+    def _rise_limit(self, now: float, video_flowing: bool) -> float | None:
+        """On a lossy long-RTT link, no rise past 1.5x what was delivered + 10 kbit/s.
+
+        There a REMB is often stale (it is only evidence when it falls) and the
+        loss rule lets the estimate climb 8 %/s: to 700 kbit/s on a 300 kbit/s
+        satellite link, until a second video filled the 500 ms queue and a 62 %
+        loss cut paused everything.  The limit is libwebrtc's clamp on its own
+        REMB (1.5x what it receives): every rung step still fits.  Not while all
+        video is paused: resuming the lowest rung is the probe.
+        """
+        if not (self.video_repeat.link_needs and video_flowing):
+            return None
+        delivered = self.estimator.delivered_bps(now)
+        return None if delivered is None else RISE_LIMIT_FACTOR * delivered + RISE_LIMIT_ADD_BPS
 
     def _repeat(self, slot: Slot, copies: int) -> None:
         """Send every packet of ``slot`` ``copies`` times from now on."""

@@ -148,6 +148,8 @@ class BandwidthEstimator:
         self._pooled_lost = 0.0  # report blocks not yet judged (see min_loss_packets)
         self._pooled_expected = 0
         self._pool_started = 0.0
+        # set by the caller: no rise past this (None: no such limit); see adaptation.py
+        self.rise_limit_bps: float | None = None
         self.decreases = 0  # counters, for stats
         self.increases = 0
 
@@ -274,6 +276,8 @@ class BandwidthEstimator:
         cap = float(self.config.ceiling_bps)
         if self._remb is not None and now - self._remb_at <= self.config.remb_max_age_s:
             cap = min(cap, max(float(self.config.floor_bps), float(self._remb)))
+        if self.rise_limit_bps is not None:
+            cap = min(cap, max(float(self.config.floor_bps), self.rise_limit_bps))
         return cap
 
     def _advance(self, now: float) -> None:

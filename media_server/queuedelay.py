@@ -8,14 +8,17 @@ it received, cutting a satellite viewer's estimate to 100 kbit/s on a
 300 kbit/s link.  A real queue shows in the round trip: every receiver report
 block that answers its sender's latest SR gives one sample
 (:attr:`media_server.hooks.ReceiverReport.rtt_sample_s`), and the queue is the
-newest sample above the smallest one of the last ``window_s``.
+newest sample above the smallest one of the last ``window_s`` (8 s).
 
 :meth:`QueueDelay.confirms` is what :class:`~media_server.adaptation.
 SubscriberAdaptation` asks before following a falling REMB: with fewer than
 ``min_samples`` samples it has no opinion (the REMB is followed, as without
 it); otherwise the queue must be at least ``threshold_s`` or ``threshold_share``
 of the base round trip, whichever is larger: RTT samples carry the jitter of
-both directions.
+both directions.  No sample for ``stale_s`` is no opinion either: aiortc
+remembers only its latest SR, so once the round trip (queue included) is
+longer than the SR interval (~1 s) no block answers it and samples stop,
+exactly when a queue is long (EDGE with its 500 ms queue full).
 """
 
 from __future__ import annotations
@@ -28,14 +31,16 @@ class QueueDelay:
 
     def __init__(
         self,
-        window_s: float = 15.0,
+        window_s: float = 8.0,
         min_samples: int = 3,
         threshold_s: float = 0.08,
         threshold_share: float = 0.15,
+        stale_s: float = 2.0,
     ) -> None:
         if window_s <= 0 or min_samples < 1 or threshold_s < 0 or threshold_share < 0:
             raise ValueError("window_s > 0, min_samples >= 1, thresholds >= 0")
         self.window_s = window_s
+        self.stale_s = stale_s
         self.min_samples = min_samples
         self.threshold_s = threshold_s
         self.threshold_share = threshold_share
@@ -71,9 +76,9 @@ class QueueDelay:
         return self._samples[-1][1] - base
 
     def confirms(self, now: float) -> bool:
-        """True unless enough samples show no queue worth the name."""
+        """True unless enough recent samples show no queue worth the name."""
         base = self.base_s(now)
-        if base is None:
+        if base is None or now - self._samples[-1][0] > self.stale_s:
             return True
         queued = self._samples[-1][1] - base
         return queued >= max(self.threshold_s, self.threshold_share * base)

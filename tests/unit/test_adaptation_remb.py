@@ -91,3 +91,14 @@ async def test_a_remb_fall_with_a_grown_round_trip_is_followed_at_once() -> None
     feedback.on_remb(int(VIDEO_BPS * 0.6), [1234])
     assert adaptation.estimator.estimate_bps(time.monotonic()) <= VIDEO_BPS * 0.6
     assert adaptation.rembs_unconfirmed == 0
+
+
+async def test_on_a_lossy_long_rtt_link_the_rise_stops_at_1_5x_what_is_delivered() -> None:
+    adaptation, downtrack = await _adaptation_delivering(8.0)
+    assert adaptation.estimator.rise_limit_bps is None  # a clean, short link: no limit
+    adaptation.video_repeat.decide(0.02, 0.6, 0, 45_000)  # satellite: lossy, 600 ms
+    slot = Slot("video", downtrack, cast(Any, None))
+    downtrack.wire_bytes_forwarded += VIDEO_BPS // 8 // 2
+    await adaptation.tick([slot], now=time.monotonic() + 0.5)
+    limit = adaptation.estimator.rise_limit_bps
+    assert limit is not None and 1.3 * VIDEO_BPS < limit < 1.7 * VIDEO_BPS + 10_000

@@ -241,3 +241,13 @@ def test_a_remb_ceiling_stops_the_rise_without_cutting() -> None:
     for t in frange(4.0, 6.0, REPORT_EVERY):
         est.on_receiver_report(0.0, 0.1, t)
     assert 200_000 < est.estimate_bps(6.0) <= 400_000
+
+
+def test_a_rise_limit_stops_the_rise_without_cutting() -> None:
+    est = BandwidthEstimator(EstimatorConfig(initial_bps=200_000))
+    est.rise_limit_bps = 210_000
+    for t in frange(0.0, 10.0, REPORT_EVERY):
+        est.on_receiver_report(0.0, 0.6, t)
+    assert est.estimate_bps(10.0) == 210_000
+    est.rise_limit_bps = 100_000
+    assert est.estimate_bps(10.5) == 210_000  # a limit on the rise, not a cut

@@ -64,3 +64,12 @@ def test_the_recent_floor_follows_a_change_of_link_at_once() -> None:
     assert q.base_s(8.0) == pytest.approx(0.15)  # the queue's floor remembers 3G
     assert q.recent_floor_s(8.0) == pytest.approx(0.6)
     assert q.recent_floor_s(30.0) is None
+
+
+def test_no_recent_sample_is_no_opinion() -> None:
+    """A long queue stops the samples (no block answers the latest SR): follow the REMB."""
+    q = QueueDelay(stale_s=2.0)
+    for i in range(4):
+        q.add(0.6, i * 0.5)
+    assert not q.confirms(2.0)
+    assert q.confirms(4.0)

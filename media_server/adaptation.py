@@ -373,9 +373,10 @@ class SubscriberAdaptation:
         ramping up from its start value is also below what we send).  A REMB at or above the
         estimate only raises the cap.  A fall is followed only if round trips show
         the queue (:mod:`queuedelay`) now or within :data:`SUSPECT_REMB_S`: on a
-        link with jitter the detectors fire without one.  Until then it is a
-        ceiling: the estimate stays but does not rise past it.  ``video_remb`` is
-        the video part of ``bps``
+        link with jitter the detectors fire without one.  Until then it is
+        ignored (as a ceiling it pinned a recovering viewer: aiortc's REMB wobbles
+        by a few % and every dip is a fall).  ``video_remb`` is the video part of
+        ``bps``
         (aiortc sends one REMB per video stream, libwebrtc one that often lists
         only the video streams; the audio reserve is added to make ``bps``): it
         is compared with the video we deliver, or audio would hide the overuse.
@@ -398,7 +399,6 @@ class SubscriberAdaptation:
             # jitter, not a queue (round trips did not grow): wait for one to show
             self._suspect_remb = (bps, now)
             self.rembs_unconfirmed += 1
-            self.estimator.on_remb_ceiling(bps, now)
         elif congested or bps >= self.estimator.estimate_bps(now):
             self._suspect_remb = None
             self.estimator.on_remb(bps, now)

@@ -24,7 +24,7 @@ and held with hysteresis, down fast and up slowly:
 
 * **REMB drop** — followed at once: the estimate never exceeds the last REMB.
   (The adaptation first asks :mod:`queuedelay` whether round trips show a
-  queue; a fall they do not confirm only stops the rise: ``on_remb_ceiling``.)
+  queue; a fall they do not confirm is not passed on.)
 * **loss is judged over at least 20 packets** (libwebrtc's
   ``kLimitNumPackets``): report blocks that say how many packets they cover are
   pooled, across all the subscriber's streams, until 20 are covered; one lost
@@ -162,14 +162,6 @@ class BandwidthEstimator:
         self._remb_at = now
         if self._remb < self._estimate:
             self._set(max(float(self.config.floor_bps), float(self._remb)), "decrease")
-
-    def on_remb_ceiling(self, bps: int, now: float) -> None:
-        """A REMB that may only stop the rise: the estimate stays, but grows no higher.
-
-        For a REMB fall that nothing else confirms (see :mod:`queuedelay`)."""
-        self._advance(now)
-        self._remb = max(0, int(bps))
-        self._remb_at = now
 
     def on_receiver_report(
         self, fraction_lost: float, rtt_s: float | None, now: float, expected: int | None = None

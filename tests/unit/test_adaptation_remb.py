@@ -66,7 +66,7 @@ def _report(rtt_sample: float, highest: int) -> hooks.ReceiverReport:
     return hooks.ReceiverReport(0.0, 0, 0, highest, rtt_s=rtt_sample, rtt_sample_s=rtt_sample)
 
 
-async def test_a_remb_fall_that_round_trips_do_not_confirm_only_stops_the_rise() -> None:
+async def test_a_remb_fall_that_round_trips_do_not_confirm_is_not_followed() -> None:
     """Satellite jitter makes delay-based detectors fire with no queue: not congestion."""
     adaptation, downtrack = await _adaptation_delivering(8.0)
     feedback = adaptation.feedback(downtrack)

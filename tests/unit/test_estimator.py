@@ -229,20 +229,6 @@ def test_moderate_loss_pools_on_to_judge_loss_packets_or_judge_after_s() -> None
     assert est.estimate_bps(4.2) < 300_000
 
 
-def test_a_remb_ceiling_stops_the_rise_without_cutting() -> None:
-    est = BandwidthEstimator(EstimatorConfig(initial_bps=200_000))
-    deliver(est, 200_000, 0.0, 10.0)
-    est.on_remb_ceiling(150_000, 1.0)
-    assert est.estimate_bps(1.0) == 200_000  # not cut
-    for t in frange(1.0, 4.0, REPORT_EVERY):
-        est.on_receiver_report(0.0, 0.1, t)
-    assert est.estimate_bps(4.0) == 200_000  # and no rise past it
-    est.on_remb_ceiling(400_000, 4.0)
-    for t in frange(4.0, 6.0, REPORT_EVERY):
-        est.on_receiver_report(0.0, 0.1, t)
-    assert 200_000 < est.estimate_bps(6.0) <= 400_000
-
-
 def test_a_rise_limit_stops_the_rise_without_cutting() -> None:
     est = BandwidthEstimator(EstimatorConfig(initial_bps=200_000))
     est.rise_limit_bps = 210_000

@@ -73,10 +73,10 @@ MAX_REPORT_PACKETS = 10_000  # a report covering more is not about this stream's
 # a stream idle this long (paused video, audio unbound while mixing): its next report is stale
 STALE_AFTER_IDLE_S = 1.0
 RETRANSMIT_SHARE = 0.15  # of the estimate, for resending lost packets
+RETRANSMIT_PACKET_BYTES = 1000
 RISE_LIMIT_FACTOR = 1.5  # on a lossy long-RTT link the estimate rises to at most this x delivered
 RISE_LIMIT_ADD_BPS = 10_000
 SUSPECT_REMB_S = 2.0  # a REMB fall is followed if round trips show a queue this soon
-RETRANSMIT_PACKET_BYTES = 1000
 LOSS_SMOOTHING_PACKETS = 500  # a report block weighs (packets it covers) / this, up to 0.3
 # Start at the ceiling: a viewer is moved off the original only on evidence.
 # Rise below 5 % loss (not 2 %): satellite and EDGE links lose 2-3 % at random,
@@ -184,7 +184,7 @@ class LadderPool:
 LayerListener = Callable[[TrackInfo, str | None, Choice], Awaitable[None]]
 
 
-def _repeated(candidate: VideoCandidate, copies: int) -> VideoCandidate:
+def _rungs_times(candidate: VideoCandidate, copies: int) -> VideoCandidate:
     """``candidate`` with every rung costing ``copies`` times its rate (originals once)."""
     layers = tuple(
         layer if layer.name == ORIGINAL else Layer(layer.name, layer.bitrate * copies)
@@ -476,7 +476,7 @@ class SubscriberAdaptation:
             min(rungs, default=None),
         )
         if copies > 1:  # each rung costs its copies
-            videos = [(slot, _repeated(c, copies)) for slot, c in videos]
+            videos = [(slot, _rungs_times(c, copies)) for slot, c in videos]
         choices = self.allocator.allocate(
             estimate, [c for _, c in videos], audio_reserve, 1, cautious=mixing
         )

@@ -396,12 +396,15 @@ class AudioRule:
         options = [(layer, 2) for layer in best_first] if self._lossy else []
         options += [(layer, 1) for layer in best_first]
 
+        def cap(copies: int, repeat_share: float) -> float:
+            return (repeat_share if copies > 1 else cfg.mix_share) * budget
+
         def best(repeat_share: float) -> int:
             return next(
                 (
                     i
                     for i, (layer, n) in enumerate(options)
-                    if layer.bitrate * n <= (repeat_share if n > 1 else cfg.mix_share) * budget
+                    if layer.bitrate * n <= cap(n, repeat_share)
                 ),
                 len(options) - 1,  # the cheapest single copy: audio is never paused
             )
@@ -413,13 +416,10 @@ class AudioRule:
             if options[lean][1] > 1:
                 repeat_share, fits = cfg.repeat_share_with_video, lean
 
-        def cap(copies: int) -> float:
-            return (repeat_share if copies > 1 else cfg.mix_share) * budget
-
         keys = [(layer.name, n) for layer, n in options]
         current = keys.index(self._option) if self._option in keys else None
         kept = current is not None and (
-            _cost(options[current]) * cfg.format_dead_band <= cap(options[current][1])
+            _cost(options[current]) * cfg.format_dead_band <= cap(options[current][1], repeat_share)
         )
         if current is None or (current != fits and not kept):
             chosen = fits  # first choice, or the current one no longer fits: at once

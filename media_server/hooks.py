@@ -560,14 +560,19 @@ def send_pli(receiver: RTCRtpReceiver) -> bool:
     return True
 
 
-def _log_task_error(task: asyncio.Future[Any]) -> None:
-    if not task.cancelled() and task.exception() is not None:
-        logger.warning("RTCP send failed: %r", task.exception())
+def _log_failure(what: str, level: int) -> Callable[[asyncio.Future[Any]], None]:
+    """A done-callback that logs a send task's error (sends are fire and forget)."""
+
+    def done(task: asyncio.Future[Any]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            logger.log(level, "%s failed: %r", what, task.exception())
+
+    return done
 
 
-def _log_send_error(task: asyncio.Future[Any]) -> None:
-    if not task.cancelled() and task.exception() is not None:
-        logger.debug("repeated RTP packet not sent: %r", task.exception())
+_log_task_error = _log_failure("RTCP send", logging.WARNING)
+# a copy that cannot go (the connection is closing) is not worth more than debug
+_log_send_error = _log_failure("sending a repeated RTP packet", logging.DEBUG)
 
 
 @dataclass(frozen=True, slots=True)

@@ -77,10 +77,10 @@ class QueueDelay:
 
     def confirms(self, now: float) -> bool:
         """True unless enough recent samples show no queue worth the name."""
-        base = self.base_s(now)
-        if base is None or now - self._samples[-1][0] > self.stale_s:
+        queued = self.queued_s(now)
+        if queued is None or now - self._samples[-1][0] > self.stale_s:
             return True
-        queued = self._samples[-1][1] - base
+        base = self._samples[-1][1] - queued
         return queued >= max(self.threshold_s, self.threshold_share * base)
 
     def _trim(self, now: float) -> None:

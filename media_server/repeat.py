@@ -19,10 +19,9 @@ Rule (:class:`VideoRepeat`, pure, called once per adaptation tick):
   once; a repeated stream's receiver reports hide the loss) is at least
   ``on_loss`` (1 %) and the round trip at least ``on_rtt_s`` (300 ms; below
   that a repair beats the 500 ms a viewer notices; the adaptation passes the
-  floor of the last 3 s of round trips, so a queue on a congested link does not
-  count),
-  and the video budget (the
-  estimate after audio) covers the cheapest rung twice;
+  floor of the last 3 s of round trips, so a queue on a congested link does
+  not count), and the video budget (the estimate after audio) covers the
+  cheapest rung twice;
 * **off** once the loss falls below ``off_loss`` (0.4 %), the round trip
   below ``off_rtt_s`` (200 ms), or the budget below ``off_budget_share``
   (85 %) of the cheapest rung twice: a single copy of a small picture beats a

@@ -666,6 +666,7 @@ async def run_mode(
                             line = {"t": round(now - t_zero, 2), "profile": link.profile.name}
                             copies = stats.get("video_copies", {}).get("weak")
                             line.update(layers=layers, estimate=estimate, copies=copies)
+                            line["round_trip"] = stats.get("round_trips", {}).get("weak")
                             backlog = link.down.model.backlog(asyncio.get_running_loop().time())
                             down = link.stats().down
                             frames = {

@@ -320,11 +320,13 @@ class SubscriberAdaptation:
             rtt = max(rtt, report.rtt_sample_s)
         self.estimator.on_receiver_report(report.fraction_lost, rtt, now, expected)
         if not idle and report.rtt_sample_s is not None:
-            self.queue_delay.add(report.rtt_sample_s, now)
+            lossy = self._loss is not None and self._loss > ESTIMATOR.loss_decrease_above
+            self.queue_delay.add(report.rtt_sample_s, now, lossy)
             suspect = self._suspect_remb
             if suspect is not None and now - suspect[1] <= SUSPECT_REMB_S:
                 if self.queue_delay.confirms(now):  # the queue showed up after the REMB
                     self._suspect_remb = None
+                    self.queue_delay.followed(now)
                     self.estimator.on_remb(suspect[0], now)
             else:
                 self._suspect_remb = None
@@ -372,8 +374,9 @@ class SubscriberAdaptation:
         delay-based detector seeing a queue: follow it, if it fell (a receiver
         ramping up from its start value is also below what we send).  A REMB at or above the
         estimate only raises the cap.  A fall is followed only if round trips show
-        the queue (:mod:`queuedelay`) now or within :data:`SUSPECT_REMB_S`: on a
-        link with jitter the detectors fire without one.  Until then it is
+        the queue (:mod:`queuedelay`) now or within :data:`SUSPECT_REMB_S`, and
+        one queue answers one fall unless it grows: on a link with jitter the
+        detectors fire without one, and after a step in delay they fire on.  Until then it is
         ignored (as a ceiling it pinned a recovering viewer: aiortc's REMB wobbles
         by a few % and every dip is a fall).  ``video_remb`` is the video part of
         ``bps``
@@ -401,6 +404,8 @@ class SubscriberAdaptation:
             self.rembs_unconfirmed += 1
         elif congested or bps >= self.estimator.estimate_bps(now):
             self._suspect_remb = None
+            if congested:
+                self.queue_delay.followed(now)
             self.estimator.on_remb(bps, now)
 
     def _video_delivered_bps(self, now: float) -> int | None:

@@ -30,8 +30,9 @@ subscriber sends to one of our senders.  The seams used here:
   :func:`repeat_packets`).
 * ``RTCRtpSender._ssrc`` — the sender's media SSRC; ``RTCRtpSender.__rtt`` —
   the RTT aiortc derives from receiver reports, and ``__lsr`` / ``__lsr_time``
-  — its latest SR and when it went, to tell a fresh RTT from an old one and
-  to take each block's own round trip.
+  — its latest SR and when it went, to tell a fresh RTT from an old one;
+  ``_send_rtcp`` is wrapped per tapped sender to remember its last
+  :data:`SR_MEMORY` SRs, so each report block gives its own round trip.
 * ``RTCDtlsTransport.__rx_packets`` — packets received, a sign of life of a
   participant's link (see :func:`packets_received`).
 * ``RTCDtlsTransport._rx_srtp`` / ``._handle_rtp_data`` — only for the
@@ -54,6 +55,7 @@ import logging
 import socket
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from fractions import Fraction
@@ -582,7 +584,7 @@ class ReceiverReport:
     jitter: int  # in RTP clock units
     highest_sequence: int = 0  # extended highest sequence number received
     rtt_s: float | None = None  # aiortc's smoothed RTT from LSR/DLSR, once known
-    rtt_sample_s: float | None = None  # this block's round trip alone (answers the latest SR)
+    rtt_sample_s: float | None = None  # this block's round trip alone (any recent SR)
 
 
 class SenderFeedback:
@@ -601,6 +603,31 @@ class SenderFeedback:
         self.nack_filter = nack_filter  # which of the NACKed sequence numbers to resend
 
 
+SR_MEMORY = 8  # a sender's SRs whose send times are kept (a block may answer any)
+
+
+class _SentReports:
+    """When a sender's recent SRs left, by their LSR (aiortc keeps only the latest).
+
+    A receiver's block answers the last SR it received: once the round trip
+    (queue included) is longer than aiortc's SR interval (0.5-1.5 s), that is
+    rarely the sender's latest, and matching only the latest gave a satellite
+    viewer one RTT sample every 3-4 s and none at all with EDGE's queue full.
+    """
+
+    def __init__(self) -> None:
+        self._sent: deque[tuple[int, float]] = deque(maxlen=SR_MEMORY)
+
+    def add(self, lsr: int, sent_at: float) -> None:
+        self._sent.append((lsr, sent_at))
+
+    def sent_at(self, lsr: int) -> float | None:
+        """When the SR with this LSR left; None if unknown or ambiguous (an idle
+        sender's SRs all carry its last packet's NTP time, hence one LSR)."""
+        times = [at for sent_lsr, at in self._sent if sent_lsr == lsr]
+        return times[0] if len(times) == 1 else None
+
+
 def tap_sender(sender: RTCRtpSender, feedback: SenderFeedback) -> None:
     """Observe PLI/FIR, REMB and receiver reports arriving for ``sender``.
 
@@ -610,6 +637,17 @@ def tap_sender(sender: RTCRtpSender, feedback: SenderFeedback) -> None:
     original = sender._handle_rtcp_packet
     if getattr(original, "_konsilium_tap", False):
         raise HookError("sender is already tapped")
+    sent = _SentReports()
+    original_send = sender._send_rtcp
+
+    async def send_rtcp(packets: list[Any]) -> None:
+        # aiortc sets __lsr / __lsr_time just before it sends each SR
+        if any(isinstance(packet, RtcpSrPacket) for packet in packets):
+            lsr = getattr(sender, _SENDER_LSR_ATTR, None)
+            lsr_time = getattr(sender, _SENDER_LSR_TIME_ATTR, None)
+            if lsr is not None and lsr_time is not None:
+                sent.add(int(lsr), float(lsr_time))
+        await original_send(packets)
 
     async def handle(packet: Any) -> None:
         if (
@@ -625,12 +663,13 @@ def tap_sender(sender: RTCRtpSender, feedback: SenderFeedback) -> None:
                 return
         await original(packet)  # first: it updates the sender's RTT from this report
         try:
-            _dispatch_feedback(sender, feedback, packet)
+            _dispatch_feedback(sender, feedback, packet, sent)
         except Exception:  # a bad callback must not break RTCP handling
             logger.exception("sender feedback callback failed")
 
     handle._konsilium_tap = True  # type: ignore[attr-defined]
     sender._handle_rtcp_packet = handle  # type: ignore[method-assign]
+    sender._send_rtcp = send_rtcp  # type: ignore[method-assign]
 
 
 _SENDER_RTT_ATTR = "_RTCRtpSender__rtt"
@@ -714,7 +753,9 @@ def repeated_copies(sender: RTCRtpSender) -> int:
     return history.copies if isinstance(history, _RepeatingHistory) else 1
 
 
-def _dispatch_feedback(sender: RTCRtpSender, feedback: SenderFeedback, packet: Any) -> None:
+def _dispatch_feedback(
+    sender: RTCRtpSender, feedback: SenderFeedback, packet: Any, sent: _SentReports
+) -> None:
     ssrc = sender._ssrc
     if isinstance(packet, RtcpPsfbPacket):
         if packet.fmt in (RTCP_PSFB_PLI, RTCP_PSFB_FIR):
@@ -734,9 +775,9 @@ def _dispatch_feedback(sender: RTCRtpSender, feedback: SenderFeedback, packet: A
                 fresh = report.dlsr and report.lsr == getattr(sender, _SENDER_LSR_ATTR, None)
                 rtt = getattr(sender, _SENDER_RTT_ATTR, None) if fresh else None
                 sample = None
-                lsr_time = getattr(sender, _SENDER_LSR_TIME_ATTR, None)
-                if fresh and lsr_time is not None:  # this block's own round trip, unsmoothed
-                    sample = time.time() - float(lsr_time) - report.dlsr / 65536
+                sent_at = sent.sent_at(report.lsr) if report.dlsr else None
+                if sent_at is not None:  # this block's own round trip, unsmoothed
+                    sample = time.time() - sent_at - report.dlsr / 65536
                 feedback.on_report(
                     ReceiverReport(
                         fraction_lost=report.fraction_lost / 256.0,
@@ -799,6 +840,9 @@ def check_hooks() -> None:
         RTCRtpSender._handle_rtcp_packet.__code__.co_names
     ):
         raise HookError("RTCRtpSender no longer keeps __rtt from receiver reports")
+    rtcp_names = RTCRtpSender._run_rtcp.__code__.co_names
+    if not {_SENDER_LSR_ATTR, _SENDER_LSR_TIME_ATTR, "_send_rtcp"} <= set(rtcp_names):
+        raise HookError("RTCRtpSender._run_rtcp no longer sets __lsr before _send_rtcp")
     if "audio_level" not in RTCRtpSender._run_rtp.__code__.co_names:
         raise HookError("RTCRtpSender no longer writes RTCEncodedFrame.audio_level")
     sender_names = RTCRtpSender._next_encoded_frame.__code__.co_names

@@ -19,10 +19,31 @@ both directions.  No sample for ``stale_s`` is no opinion either: aiortc
 remembers only its latest SR, so once the round trip (queue included) is
 longer than the SR interval (~1 s) no block answers it and samples stop,
 exactly when a queue is long (EDGE with its 500 ms queue full).
+
+A change of link (3G's 150 ms to a satellite's 600 ms) moves the round trip up
+as a queue would, and the 8 s floor still holds the old link's samples: every
+REMB fall was believed and a satellite viewer's video paused for 10 s.  A
+queue moves: it builds while we send above the link's rate and drains once we
+cut.  So when every sample of the last ``settle_s`` (2 s, at least
+``min_samples``) sits above the floor by more than the threshold and within
+the threshold of each other, and none came while loss was heavy, the round
+trip has a new level: the older samples are forgotten
+(:attr:`QueueDelay.new_links` counts it).  A full drop-tail queue is flat
+too (LAN to 3G: 550 ms for 2 s) but loses what overflows it, hence the
+``lossy`` mark on samples.  A queue that stands still for 2 s without heavy
+loss is forgotten too; if it then grows, it shows again.
+
+One queue confirms one fall.  A receiver's REMB falls again at every report
+while its detector still sees the queue it already reported (aiortc's fell
+275 -> 231 -> 162 -> 134 -> 115 kbit/s within 3 s of one step in delay), so
+once a fall was followed (:meth:`QueueDelay.followed`) the next needs the
+queue to have grown by the threshold since; a sample without a queue ends the
+episode.
 """
 
 from __future__ import annotations
 
+import math
 from collections import deque
 
 
@@ -36,21 +57,35 @@ class QueueDelay:
         threshold_s: float = 0.08,
         threshold_share: float = 0.15,
         stale_s: float = 2.0,
+        settle_s: float = 2.0,
     ) -> None:
         if window_s <= 0 or min_samples < 1 or threshold_s < 0 or threshold_share < 0:
             raise ValueError("window_s > 0, min_samples >= 1, thresholds >= 0")
+        if not 0 < settle_s < window_s:
+            raise ValueError("0 < settle_s < window_s")
         self.window_s = window_s
+        self.settle_s = settle_s
+        self.new_links = 0  # times the round trip settled at a new level
+        self._followed_queue: float | None = None  # the queue a followed fall answered
         self.stale_s = stale_s
         self.min_samples = min_samples
         self.threshold_s = threshold_s
         self.threshold_share = threshold_share
         self._samples: deque[tuple[float, float]] = deque()  # (when, rtt)
+        self._lossy_at = -math.inf  # when the last sample came with heavy loss
 
-    def add(self, rtt_s: float, now: float) -> None:
+    def add(self, rtt_s: float, now: float, lossy: bool = False) -> None:
+        """One round-trip sample; ``lossy``: loss was heavy when it came (a full queue)."""
         if rtt_s < 0:
             return
+        if lossy:
+            self._lossy_at = now
         self._samples.append((now, rtt_s))
         self._trim(now)
+        self._follow_new_link(now)
+        queued = self.queued_s(now)
+        if queued is not None and queued < self._threshold(rtt_s - queued):
+            self._followed_queue = None  # the queue drained: the next one is news
 
     def base_s(self, now: float) -> float | None:
         """The smallest round trip of the window (None: too few samples)."""
@@ -76,12 +111,53 @@ class QueueDelay:
         return self._samples[-1][1] - base
 
     def confirms(self, now: float) -> bool:
-        """True unless enough recent samples show no queue worth the name."""
+        """True unless enough recent samples show no queue worth the name, or
+        only the queue a fall was already followed for."""
         queued = self.queued_s(now)
         if queued is None or now - self._samples[-1][0] > self.stale_s:
             return True
-        base = self._samples[-1][1] - queued
-        return queued >= max(self.threshold_s, self.threshold_share * base)
+        threshold = self._threshold(self._samples[-1][1] - queued)
+        if self._followed_queue is not None:
+            return queued >= self._followed_queue + threshold
+        return queued >= threshold
+
+    def followed(self, now: float) -> None:
+        """A fall was followed for the queue seen now: the next needs it to grow."""
+        queued = self.queued_s(now)
+        if queued is not None and now - self._samples[-1][0] <= self.stale_s:
+            self._followed_queue = queued
+
+    def _threshold(self, base_s: float) -> float:
+        return max(self.threshold_s, self.threshold_share * base_s)
+
+    def _follow_new_link(self, now: float) -> None:
+        """Forget the samples before a round trip that moved up and stayed put."""
+        samples = self._samples
+        recent = [(at, rtt) for at, rtt in samples if now - at <= self.settle_s]
+        if len(recent) < self.min_samples or len(recent) == len(samples):
+            return
+        if now - recent[0][0] < self.settle_s / 2:
+            return  # a moment, not a level
+        if now - self._lossy_at <= self.settle_s:
+            return  # maybe a full queue
+        low, high = min(rtt for _, rtt in recent), max(rtt for _, rtt in recent)
+        base = min(rtt for _, rtt in samples)
+        threshold = self._threshold(low)
+        if low - base >= threshold and high - low < threshold:
+            while len(samples) > len(recent):
+                samples.popleft()
+            self.new_links += 1
+            self._followed_queue = None
+
+    def snapshot(self, now: float) -> dict[str, float | int | None]:
+        """Base, newest sample and recent floor (seconds), new links seen: for the media stats."""
+        return {
+            "base_s": self.base_s(now),
+            "last_s": self._samples[-1][1] if self._samples else None,
+            "recent_floor_s": self.recent_floor_s(now),
+            "samples": len(self._samples),
+            "new_links": self.new_links,
+        }
 
     def _trim(self, now: float) -> None:
         samples = self._samples

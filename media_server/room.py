@@ -233,6 +233,12 @@ class MediaRoom:
             for p in self.participants.values()
             if p.subscriber is not None and p.subscriber.adaptation is not None
         }
+        # what the queue judge sees (see queuedelay.py)
+        round_trips = {
+            p.id: p.subscriber.adaptation.queue_delay.snapshot(now)
+            for p in self.participants.values()
+            if p.subscriber is not None and p.subscriber.adaptation is not None
+        }
         return {
             "room": self.id,
             "tracks": tracks,
@@ -241,6 +247,7 @@ class MediaRoom:
             "layers": layers,
             "speaker": self.speaker.speaker,
             "estimates": estimates,
+            "round_trips": round_trips,
             "audio": audio,
             "video_copies": video_copies,
             "audio_mix": self.mixer.stats() if self.mixer is not None else {},

@@ -9,6 +9,7 @@ from aiortc import MediaStreamTrack, RTCPeerConnection
 from media_server import hooks
 from media_server.bot import ClipTrack
 from media_server.clip import Clip
+from media_server.linkemu import LinkEmulator, LinkProfile, attach_to_peer_connection
 from media_server.packet import MediaPacket, is_vp8_keyframe
 from media_server.rtc import prefer_forwardable_codecs, rtc_configuration
 
@@ -16,10 +17,12 @@ from media_server.rtc import prefer_forwardable_codecs, rtc_configuration
 class VideoPair:
     """A sender pc with the clip's video and a receiver pc, not yet connected."""
 
-    def __init__(self, clip: Clip) -> None:
+    def __init__(self, clip: Clip, link: LinkEmulator | None = None) -> None:
         hooks.install_passthrough()
         self.sender_pc = RTCPeerConnection(rtc_configuration())
         self.receiver_pc = RTCPeerConnection(rtc_configuration())
+        if link is not None:
+            attach_to_peer_connection(self.receiver_pc, link)  # before gathering
         video = ClipTrack("video", clip.video, 1 / clip.fps, 90000 // clip.fps)
         self.transceiver = self.sender_pc.addTransceiver(video, direction="sendonly")
         prefer_forwardable_codecs(self.transceiver)
@@ -110,5 +113,38 @@ async def test_repeated_packets_reach_the_receiver_twice_and_its_frames_once(cli
         for _ in range(15):
             await asyncio.wait_for(track.recv(), 5)
         assert len(copies) == before
+    finally:
+        await pair.close()
+
+
+async def test_round_trip_samples_keep_coming_when_the_round_trip_exceeds_the_sr_interval(
+    clip: Clip,
+) -> None:
+    """A 1.6 s round trip: a block rarely answers the sender's latest SR (sent every
+    0.5-1.5 s), so the tap must remember earlier SRs to give each block's sample."""
+    long_link = LinkProfile(
+        "long", rate_bps=None, rtt_ms=1600.0, jitter_ms=0.0, loss=0.0, queue_ms=0.0
+    )
+    pair = VideoPair(clip, LinkEmulator(long_link, seed=1))
+    samples: list[float] = []
+
+    def on_report(report: hooks.ReceiverReport) -> None:
+        if report.rtt_sample_s is not None:
+            samples.append(report.rtt_sample_s)
+
+    hooks.tap_sender(
+        pair.transceiver.sender,
+        hooks.SenderFeedback(on_keyframe_request=lambda: None, on_report=on_report),
+    )
+    try:
+        track = await pair.connect()
+        await asyncio.wait_for(track.recv(), 20)  # media flows (ICE takes round trips)
+        loop = asyncio.get_running_loop()
+        end = loop.time() + 10.0
+        while loop.time() < end:  # keep the receiver reading, so it reports
+            await asyncio.wait_for(track.recv(), 5)
+        # the receiver reports every 0.5-1.5 s; matching only the latest SR gave none
+        assert len(samples) >= 5, f"only {len(samples)} round-trip samples in 10 s"
+        assert all(1.5 <= s <= 1.9 for s in samples), samples
     finally:
         await pair.close()

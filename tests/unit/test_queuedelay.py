@@ -47,23 +47,89 @@ def test_old_samples_leave_the_window() -> None:
     assert not q.confirms(22)
 
 
+def test_one_queue_confirms_one_fall_unless_it_grows() -> None:
+    q = QueueDelay(threshold_s=0.08, threshold_share=0.15)
+    for i in range(6):
+        q.add(0.6, i * 0.5)
+    q.add(0.9, 3.0)  # 300 ms of queue
+    assert q.confirms(3.0)
+    q.followed(3.0)
+    q.add(0.92, 3.5)  # the same queue: the receiver's detector fires on
+    assert not q.confirms(3.5)
+    q.add(1.1, 4.0)  # it grew by more than the threshold: news
+    assert q.confirms(4.0)
+    q.followed(4.0)
+    q.add(0.62, 4.5)  # drained: the episode ends
+    q.add(0.8, 5.0)  # a new, smaller queue confirms again
+    assert q.confirms(5.0)
+
+
 def test_bad_arguments() -> None:
     with pytest.raises(ValueError):
         QueueDelay(window_s=0)
+    with pytest.raises(ValueError):
+        QueueDelay(window_s=2.0, settle_s=2.0)
     q = QueueDelay()
     q.add(-1.0, 0.0)  # ignored
     assert q.base_s(0.0) is None
 
 
 def test_the_recent_floor_follows_a_change_of_link_at_once() -> None:
-    q = QueueDelay(window_s=15.0)
+    q = QueueDelay(window_s=15.0, settle_s=2.0)
     for i in range(10):
         q.add(0.15, i * 0.5)  # 3G
-    for i in range(6):
-        q.add(0.6 + 0.01 * i, 5.0 + i * 0.5)  # satellite from t = 5 s
-    assert q.base_s(8.0) == pytest.approx(0.15)  # the queue's floor remembers 3G
-    assert q.recent_floor_s(8.0) == pytest.approx(0.6)
+    q.add(0.6, 5.0)  # satellite from t = 5 s
+    q.add(0.61, 5.5)
+    assert q.recent_floor_s(5.5, span_s=0.9) == pytest.approx(0.6)
+    assert q.base_s(5.5) == pytest.approx(0.15)  # one second of a new level: maybe a queue
+    assert q.confirms(5.5)
     assert q.recent_floor_s(30.0) is None
+
+
+def test_a_round_trip_that_moves_up_and_stays_is_a_new_link_not_a_queue() -> None:
+    """3G (150 ms) to satellite (600 ms +- 30): after 2 s flat at the new level the old
+    link is forgotten, and a REMB fall no longer reads the step as a queue."""
+    q = QueueDelay(window_s=8.0, settle_s=2.0)
+    for i in range(16):
+        q.add(0.15 + 0.01 * (i % 3), i * 0.5)  # 3G
+    for i, rtt in enumerate([0.60, 0.63, 0.58, 0.62, 0.61, 0.59, 0.62]):
+        q.add(rtt, 8.0 + i * 0.5)  # satellite from t = 8 s
+    assert q.new_links >= 1
+    assert q.base_s(11.0) == pytest.approx(0.58, abs=0.02)
+    assert not q.confirms(11.0)
+    q.add(0.80, 11.5)  # then a real queue on the new link
+    assert q.confirms(11.5)
+
+
+def test_a_growing_queue_is_not_a_new_link() -> None:
+    q = QueueDelay(window_s=8.0, settle_s=2.0)
+    for i in range(12):
+        q.add(0.6, i * 0.5)  # satellite
+    for i in range(8):
+        q.add(0.7 + 0.06 * i, 6.0 + i * 0.5)  # a queue building 120 ms a second
+    assert q.new_links == 0
+    assert q.base_s(9.5) == pytest.approx(0.6)
+    assert q.confirms(9.5)
+
+
+def test_a_full_queue_is_flat_but_lossy_and_not_a_new_link() -> None:
+    q = QueueDelay(window_s=8.0, settle_s=2.0)
+    for i in range(8):
+        q.add(0.15, i * 0.5)  # 3G
+    for i in range(6):
+        q.add(0.55, 4.0 + i * 0.5, lossy=True)  # its 400 ms queue full, overflowing
+    assert q.new_links == 0
+    assert q.confirms(6.5)
+
+
+def test_a_queue_that_drains_keeps_the_link_floor() -> None:
+    q = QueueDelay(window_s=8.0, settle_s=2.0)
+    for i in range(8):
+        q.add(0.6, i * 0.5)
+    for i, rtt in enumerate([0.9, 1.1, 0.8, 0.65, 0.61]):  # built, then cut and drained
+        q.add(rtt, 4.0 + i * 0.5)
+    assert q.new_links == 0
+    assert q.base_s(6.0) == pytest.approx(0.6)
 
 
 def test_no_recent_sample_is_no_opinion() -> None:

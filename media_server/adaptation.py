@@ -78,6 +78,7 @@ RISE_LIMIT_FACTOR = 1.5  # on a lossy long-RTT link the estimate rises to at mos
 RISE_LIMIT_ADD_BPS = 10_000
 SUSPECT_REMB_S = 2.0  # a REMB fall is followed if round trips show a queue this soon
 LOSS_SMOOTHING_PACKETS = 500  # a report block weighs (packets it covers) / this, up to 0.3
+HEAVY_LOSS_PACKETS = 20  # a block covering this many that lost > 10 % shows an overflowing queue
 # Start at the ceiling: a viewer is moved off the original only on evidence.
 # Rise below 5 % loss (not 2 %): satellite and EDGE links lose 2-3 % at random,
 # which would otherwise hold the estimate forever; overshooting a real queue
@@ -304,6 +305,11 @@ class SubscriberAdaptation:
         expected = 0 if previous is None else report.highest_sequence - previous
         if not 0 <= expected <= MAX_REPORT_PACKETS:
             expected = 0  # a restarted stream or a bogus report: a new origin
+        heavy = ESTIMATOR.loss_decrease_above
+        if (self._loss is not None and self._loss > heavy) or (
+            expected >= HEAVY_LOSS_PACKETS and report.fraction_lost > heavy
+        ):
+            self.queue_delay.heavy_loss(time.monotonic())  # a full queue is flat too
         if expected > 0 and key not in self._repeated:
             # a repeated stream's receiver keeps the first copy: its reports hide the loss
             weight = min(0.3, expected / LOSS_SMOOTHING_PACKETS)
@@ -320,8 +326,7 @@ class SubscriberAdaptation:
             rtt = max(rtt, report.rtt_sample_s)
         self.estimator.on_receiver_report(report.fraction_lost, rtt, now, expected)
         if not idle and report.rtt_sample_s is not None:
-            lossy = self._loss is not None and self._loss > ESTIMATOR.loss_decrease_above
-            self.queue_delay.add(report.rtt_sample_s, now, lossy)
+            self.queue_delay.add(report.rtt_sample_s, now)
             suspect = self._suspect_remb
             if suspect is not None and now - suspect[1] <= SUSPECT_REMB_S:
                 if self.queue_delay.confirms(now):  # the queue showed up after the REMB

@@ -29,9 +29,10 @@ cut.  So when every sample of the last ``settle_s`` (2 s, at least
 the threshold of each other, and none came while loss was heavy, the round
 trip has a new level: the older samples are forgotten
 (:attr:`QueueDelay.new_links` counts it).  A full drop-tail queue is flat
-too (LAN to 3G: 550 ms for 2 s) but loses what overflows it, hence the
-``lossy`` mark on samples.  A queue that stands still for 2 s without heavy
-loss is forgotten too; if it then grows, it shows again.
+too (LAN to 3G: 550 ms for 2 s) but loses what overflows it: no new link is
+taken within ``settle_s`` of :meth:`QueueDelay.heavy_loss`.  A queue that
+stands still for 2 s without heavy loss is forgotten too; if it then grows,
+it shows again.
 
 One queue confirms one fall.  A receiver's REMB falls again at every report
 while its detector still sees the queue it already reported (aiortc's fell
@@ -72,20 +73,22 @@ class QueueDelay:
         self.threshold_s = threshold_s
         self.threshold_share = threshold_share
         self._samples: deque[tuple[float, float]] = deque()  # (when, rtt)
-        self._lossy_at = -math.inf  # when the last sample came with heavy loss
+        self._lossy_at = -math.inf  # when loss was last heavy
 
-    def add(self, rtt_s: float, now: float, lossy: bool = False) -> None:
-        """One round-trip sample; ``lossy``: loss was heavy when it came (a full queue)."""
+    def add(self, rtt_s: float, now: float) -> None:
+        """One round-trip sample."""
         if rtt_s < 0:
             return
-        if lossy:
-            self._lossy_at = now
         self._samples.append((now, rtt_s))
         self._trim(now)
         self._follow_new_link(now)
         queued = self.queued_s(now)
         if queued is not None and queued < self._threshold(rtt_s - queued):
             self._followed_queue = None  # the queue drained: the next one is news
+
+    def heavy_loss(self, now: float) -> None:
+        """Loss is heavy now (a drop-tail queue overflowing): no new link for a while."""
+        self._lossy_at = now
 
     def base_s(self, now: float) -> float | None:
         """The smallest round trip of the window (None: too few samples)."""

@@ -27,6 +27,18 @@ def test_passthrough_install_is_idempotent_and_reversible() -> None:
             hooks.install_passthrough()
 
 
+def test_sent_reports_answer_by_lsr_and_refuse_an_ambiguous_one() -> None:
+    sent = hooks._SentReports()
+    for i in range(hooks.SR_MEMORY + 2):
+        sent.add(1000 + i, 50.0 + i)
+    assert sent.sent_at(1000 + hooks.SR_MEMORY + 1) == 50.0 + hooks.SR_MEMORY + 1
+    assert sent.sent_at(1002) == 52.0  # an older SR: still known
+    assert sent.sent_at(1000) is None  # forgotten
+    sent.add(7, 70.0)
+    sent.add(7, 71.0)  # an idle sender: the same LSR twice, which one was answered?
+    assert sent.sent_at(7) is None
+
+
 def test_fast_clock_matches_aiortc_clock() -> None:
     import aiortc.clock as clock
 

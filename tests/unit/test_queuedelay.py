@@ -117,7 +117,8 @@ def test_a_full_queue_is_flat_but_lossy_and_not_a_new_link() -> None:
     for i in range(8):
         q.add(0.15, i * 0.5)  # 3G
     for i in range(6):
-        q.add(0.55, 4.0 + i * 0.5, lossy=True)  # its 400 ms queue full, overflowing
+        q.heavy_loss(4.0 + i * 0.5)  # its 400 ms queue full, overflowing
+        q.add(0.55, 4.0 + i * 0.5)
     assert q.new_links == 0
     assert q.confirms(6.5)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Any, cast
 
@@ -91,6 +92,41 @@ async def test_a_remb_fall_with_a_grown_round_trip_is_followed_at_once() -> None
     feedback.on_remb(int(VIDEO_BPS * 0.6), [1234])
     assert adaptation.estimator.estimate_bps(time.monotonic()) <= VIDEO_BPS * 0.6
     assert adaptation.rembs_unconfirmed == 0
+
+
+async def test_one_queue_answers_one_remb_fall_unless_it_grows() -> None:
+    """After a step in delay aiortc's REMB falls at every report: one cut, not five."""
+    adaptation, downtrack = await _adaptation_delivering(8.0)
+    feedback = adaptation.feedback(downtrack)
+    for i, rtt in enumerate([0.15, 0.15, 0.15, 0.6]):  # 450 ms more than a moment ago
+        feedback.on_report(_report(rtt, 100 * (i + 1)))
+    feedback.on_remb(int(VIDEO_BPS * 0.95), [1234])
+    feedback.on_remb(int(VIDEO_BPS * 0.6), [1234])
+    first = adaptation.estimator.estimate_bps(time.monotonic())
+    assert first <= VIDEO_BPS * 0.6
+    feedback.on_report(_report(0.61, 500))  # the same level
+    feedback.on_remb(int(VIDEO_BPS * 0.4), [1234])
+    assert adaptation.estimator.estimate_bps(time.monotonic()) == first
+    assert adaptation.rembs_unconfirmed == 1
+    feedback.on_report(_report(0.9, 600))  # the queue grew: news, and the fall is followed
+    assert adaptation.estimator.estimate_bps(time.monotonic()) <= VIDEO_BPS * 0.4
+
+
+async def test_a_flat_round_trip_with_heavy_loss_is_a_full_queue_not_a_new_link() -> None:
+    adaptation, downtrack = await _adaptation_delivering(8.0)
+    feedback = adaptation.feedback(downtrack)
+    start = time.monotonic()
+    for i in range(8):  # 3G's round trips, 6 to 2.5 s ago
+        adaptation.queue_delay.add(0.15, start - 6.0 + 0.5 * i)
+    feedback.on_report(_report(0.55, 100))  # the stream's origin
+    highest = 100
+    while time.monotonic() - start < 1.2:  # 1.2 s flat at 550 ms, a third lost
+        highest += 100
+        lossy = hooks.ReceiverReport(0.33, 0, 0, highest, rtt_s=0.55, rtt_sample_s=0.55)
+        feedback.on_report(lossy)
+        await asyncio.sleep(0.1)
+    assert adaptation.queue_delay.new_links == 0
+    assert adaptation.queue_delay.confirms(time.monotonic())
 
 
 async def test_on_a_lossy_long_rtt_link_the_rise_stops_at_1_5x_what_is_delivered() -> None:

@@ -78,7 +78,7 @@ RISE_LIMIT_FACTOR = 1.5  # on a lossy long-RTT link the estimate rises to at mos
 RISE_LIMIT_ADD_BPS = 10_000
 SUSPECT_REMB_S = 2.0  # a REMB fall is followed if round trips show a queue this soon
 LOSS_SMOOTHING_PACKETS = 500  # a report block weighs (packets it covers) / this, up to 0.3
-HEAVY_LOSS_PACKETS = 20  # a block covering this many that lost > 10 % shows an overflowing queue
+HEAVY_LOSS_PACKETS = 20  # a block this big losing > 10 % (or such a judged loss): a queue overflows
 # Start at the ceiling: a viewer is moved off the original only on evidence.
 # Rise below 5 % loss (not 2 %): satellite and EDGE links lose 2-3 % at random,
 # which would otherwise hold the estimate forever; overshooting a real queue
@@ -305,11 +305,6 @@ class SubscriberAdaptation:
         expected = 0 if previous is None else report.highest_sequence - previous
         if not 0 <= expected <= MAX_REPORT_PACKETS:
             expected = 0  # a restarted stream or a bogus report: a new origin
-        heavy = ESTIMATOR.loss_decrease_above
-        if (self._loss is not None and self._loss > heavy) or (
-            expected >= HEAVY_LOSS_PACKETS and report.fraction_lost > heavy
-        ):
-            self.queue_delay.heavy_loss(time.monotonic())  # a full queue is flat too
         if expected > 0 and key not in self._repeated:
             # a repeated stream's receiver keeps the first copy: its reports hide the loss
             weight = min(0.3, expected / LOSS_SMOOTHING_PACKETS)
@@ -325,6 +320,13 @@ class SubscriberAdaptation:
             # and a stale short RTT lets loss cuts compound (they are spaced by it)
             rtt = max(rtt, report.rtt_sample_s)
         self.estimator.on_receiver_report(report.fraction_lost, rtt, now, expected)
+        # a full drop-tail queue's round trip is flat too, but it loses what overflows
+        heavy = ESTIMATOR.loss_decrease_above
+        judged = self.estimator.judged_loss
+        if (judged is not None and judged > heavy) or (
+            expected >= HEAVY_LOSS_PACKETS and report.fraction_lost > heavy
+        ):
+            self.queue_delay.heavy_loss(now)
         if not idle and report.rtt_sample_s is not None:
             self.queue_delay.add(report.rtt_sample_s, now)
             suspect = self._suspect_remb

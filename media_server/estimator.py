@@ -232,6 +232,11 @@ class BandwidthEstimator:
         self._advance(now)
         return int(self._estimate)
 
+    @property
+    def judged_loss(self) -> float | None:
+        """The loss last judged (over pooled report blocks, see min_loss_packets)."""
+        return self._loss
+
     def delivered_bps(self, now: float) -> int | None:
         """Delivered rate over the last window; None until half a window was observed."""
         if self._first_delivery is None:

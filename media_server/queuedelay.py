@@ -6,7 +6,7 @@ detector also fires when nothing queues: in the weak-link benchmark the link
 emulator's queue stayed under 20 ms while aiortc's REMB fell to half of what
 it received, cutting a satellite viewer's estimate to 100 kbit/s on a
 300 kbit/s link.  A real queue shows in the round trip: every receiver report
-block that answers its sender's latest SR gives one sample
+block that answers one of its sender's recent SRs gives one sample
 (:attr:`media_server.hooks.ReceiverReport.rtt_sample_s`), and the queue is the
 newest sample above the smallest one of the last ``window_s`` (8 s).
 
@@ -15,10 +15,9 @@ SubscriberAdaptation` asks before following a falling REMB: with fewer than
 ``min_samples`` samples it has no opinion (the REMB is followed, as without
 it); otherwise the queue must be at least ``threshold_s`` or ``threshold_share``
 of the base round trip, whichever is larger: RTT samples carry the jitter of
-both directions.  No sample for ``stale_s`` is no opinion either: aiortc
-remembers only its latest SR, so once the round trip (queue included) is
-longer than the SR interval (~1 s) no block answers it and samples stop,
-exactly when a queue is long (EDGE with its 500 ms queue full).
+both directions.  No sample for ``stale_s`` is no opinion either: samples stop
+when reports stop, or when the round trip outgrows the SRs the tap remembers
+(8, ~8 s), which is what a very long queue does.
 
 A change of link (3G's 150 ms to a satellite's 600 ms) moves the round trip up
 as a queue would, and the 8 s floor still holds the old link's samples: every

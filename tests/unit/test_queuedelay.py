@@ -134,7 +134,7 @@ def test_a_queue_that_drains_keeps_the_link_floor() -> None:
 
 
 def test_no_recent_sample_is_no_opinion() -> None:
-    """A long queue stops the samples (no block answers the latest SR): follow the REMB."""
+    """No sample for a while (reports stopped): no opinion, follow the REMB."""
     q = QueueDelay(stale_s=2.0)
     for i in range(4):
         q.add(0.6, i * 0.5)

@@ -126,6 +126,7 @@ class EstimateSnapshot:
     rtt_s: float | None
     delivered_bps: int | None
     state: str  # direction of the last change: "increase" | "hold" | "decrease"
+    last_cut: str | None = None  # what made the last decrease: "remb" | "loss 0.23"
 
 
 class BandwidthEstimator:
@@ -150,6 +151,7 @@ class BandwidthEstimator:
         self._pool_started = 0.0
         # set by the caller: no rise past this (None: no such limit); see adaptation.py
         self.rise_limit_bps: float | None = None
+        self._last_cut_by: str | None = None
         self.decreases = 0  # counters, for stats
         self.increases = 0
 
@@ -162,6 +164,7 @@ class BandwidthEstimator:
         self._remb_at = now
         if self._remb < self._estimate:
             self._set(max(float(self.config.floor_bps), float(self._remb)), "decrease")
+            self._last_cut_by = "remb"
 
     def on_receiver_report(
         self, fraction_lost: float, rtt_s: float | None, now: float, expected: int | None = None
@@ -207,6 +210,7 @@ class BandwidthEstimator:
                 target = max(float(cfg.floor_bps), base * (1.0 - 0.5 * loss))
                 if target < self._estimate:
                     self._set(target, "decrease")
+                    self._last_cut_by = f"loss {loss:.2f}"
         elif loss >= cfg.loss_increase_below:
             self._good_since = None
             self._last_change = "hold"
@@ -257,6 +261,7 @@ class BandwidthEstimator:
             rtt_s=self._rtt,
             delivered_bps=self.delivered_bps(now),
             state=self._last_change,
+            last_cut=self._last_cut_by,
         )
 
     # -- internals ------------------------------------------------------------

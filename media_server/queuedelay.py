@@ -59,8 +59,8 @@ class QueueDelay:
         stale_s: float = 2.0,
         settle_s: float = 2.0,
     ) -> None:
-        if window_s <= 0 or min_samples < 1 or threshold_s < 0 or threshold_share < 0:
-            raise ValueError("window_s > 0, min_samples >= 1, thresholds >= 0")
+        if window_s <= 0 or min_samples < 2 or threshold_s < 0 or threshold_share < 0:
+            raise ValueError("window_s > 0, min_samples >= 2, thresholds >= 0")
         if not 0 < settle_s < window_s:
             raise ValueError("0 < settle_s < window_s")
         self.window_s = window_s
@@ -81,8 +81,8 @@ class QueueDelay:
         self._samples.append((now, rtt_s))
         self._trim(now)
         self._follow_new_link(now)
-        queued = self.queued_s(now)
-        if queued is not None and queued < self._threshold(rtt_s - queued):
+        base = self.base_s(now)
+        if base is not None and rtt_s - base < self._threshold(base):
             self._followed_queue = None  # the queue drained: the next one is news
 
     def heavy_loss(self, now: float) -> None:
@@ -106,19 +106,25 @@ class QueueDelay:
         return min(recent) if recent else None
 
     def queued_s(self, now: float) -> float | None:
-        """The newest sample above the base (None: too few samples)."""
+        """The two newest samples' smaller one above the base (None: too few samples).
+
+        One sample alone is not a queue: a sample carries the scheduling delay
+        of both ends' event loops, and one 90 ms high, with the link's queue
+        empty, once confirmed a REMB fall that paused a satellite viewer's
+        video for 9 s.  A queue lasts longer than one report interval."""
         base = self.base_s(now)
         if base is None:
             return None
-        return self._samples[-1][1] - base
+        return min(self._samples[-1][1], self._samples[-2][1]) - base
 
     def confirms(self, now: float) -> bool:
         """True unless enough recent samples show no queue worth the name, or
         only the queue a fall was already followed for."""
+        base = self.base_s(now)
         queued = self.queued_s(now)
-        if queued is None or now - self._samples[-1][0] > self.stale_s:
+        if base is None or queued is None or now - self._samples[-1][0] > self.stale_s:
             return True
-        threshold = self._threshold(self._samples[-1][1] - queued)
+        threshold = self._threshold(base)
         if self._followed_queue is not None:
             return queued >= self._followed_queue + threshold
         return queued >= threshold

@@ -309,6 +309,7 @@ def _estimate_json(snapshot: EstimateSnapshot) -> dict[str, Any]:
         "rtt_s": snapshot.rtt_s,
         "delivered_bps": snapshot.delivered_bps,
         "state": snapshot.state,
+        "last_cut": snapshot.last_cut,
     }
 
 

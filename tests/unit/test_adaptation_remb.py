@@ -78,15 +78,16 @@ async def test_a_remb_fall_that_round_trips_do_not_confirm_is_not_followed() -> 
     feedback.on_remb(int(VIDEO_BPS * 0.6), [1234])
     assert adaptation.estimator.estimate_bps(time.monotonic()) == before
     assert adaptation.rembs_unconfirmed == 1
-    # the queue shows in the next round trip: the fall is followed after all
+    # the queue shows in the next round trips: the fall is followed after all
     feedback.on_report(_report(0.59 + 0.3, 500))
+    feedback.on_report(_report(0.59 + 0.3, 600))
     assert adaptation.estimator.estimate_bps(time.monotonic()) <= VIDEO_BPS * 0.6
 
 
 async def test_a_remb_fall_with_a_grown_round_trip_is_followed_at_once() -> None:
     adaptation, downtrack = await _adaptation_delivering(8.0)
     feedback = adaptation.feedback(downtrack)
-    for i, rtt in enumerate([0.05, 0.05, 0.05, 0.4]):  # 350 ms of queue
+    for i, rtt in enumerate([0.05, 0.05, 0.05, 0.4, 0.4]):  # 350 ms of queue
         feedback.on_report(_report(rtt, 100 * (i + 1)))
     feedback.on_remb(int(VIDEO_BPS * 0.95), [1234])
     feedback.on_remb(int(VIDEO_BPS * 0.6), [1234])
@@ -98,17 +99,18 @@ async def test_one_queue_answers_one_remb_fall_unless_it_grows() -> None:
     """After a step in delay aiortc's REMB falls at every report: one cut, not five."""
     adaptation, downtrack = await _adaptation_delivering(8.0)
     feedback = adaptation.feedback(downtrack)
-    for i, rtt in enumerate([0.15, 0.15, 0.15, 0.6]):  # 450 ms more than a moment ago
+    for i, rtt in enumerate([0.15, 0.15, 0.15, 0.6, 0.6]):  # 450 ms more than a moment ago
         feedback.on_report(_report(rtt, 100 * (i + 1)))
     feedback.on_remb(int(VIDEO_BPS * 0.95), [1234])
     feedback.on_remb(int(VIDEO_BPS * 0.6), [1234])
     first = adaptation.estimator.estimate_bps(time.monotonic())
     assert first <= VIDEO_BPS * 0.6
-    feedback.on_report(_report(0.61, 500))  # the same level
+    feedback.on_report(_report(0.61, 600))  # the same level
     feedback.on_remb(int(VIDEO_BPS * 0.4), [1234])
     assert adaptation.estimator.estimate_bps(time.monotonic()) == first
     assert adaptation.rembs_unconfirmed == 1
-    feedback.on_report(_report(0.9, 600))  # the queue grew: news, and the fall is followed
+    feedback.on_report(_report(0.9, 700))  # the queue grew: news, and the fall is followed
+    feedback.on_report(_report(0.9, 800))
     assert adaptation.estimator.estimate_bps(time.monotonic()) <= VIDEO_BPS * 0.4
 
 

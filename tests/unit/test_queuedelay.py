@@ -22,9 +22,11 @@ def test_jitter_is_not_a_queue_but_a_grown_round_trip_is() -> None:
         q.add(rtt, i * 0.5)
     assert q.base_s(3.0) == pytest.approx(0.58)
     assert not q.confirms(3.0)
-    q.add(0.58 + 0.2, 3.0)  # 200 ms of queue
-    assert q.queued_s(3.0) == pytest.approx(0.2)
-    assert q.confirms(3.0)
+    q.add(0.58 + 0.3, 3.0)  # one sample alone: maybe an event loop that was late
+    assert not q.confirms(3.0)
+    q.add(0.58 + 0.2, 3.5)  # a second one: 200 ms of queue
+    assert q.queued_s(3.5) == pytest.approx(0.2)
+    assert q.confirms(3.5)
 
 
 def test_the_threshold_grows_with_the_base_round_trip() -> None:
@@ -32,9 +34,11 @@ def test_the_threshold_grows_with_the_base_round_trip() -> None:
     for i in range(3):
         q.add(1.0, i)
     q.add(1.1, 3)  # 100 ms on a 1 s round trip: under 15 %
-    assert not q.confirms(3)
+    q.add(1.1, 3.5)
+    assert not q.confirms(3.5)
     q.add(1.2, 4)
-    assert q.confirms(4)
+    q.add(1.2, 4.5)
+    assert q.confirms(4.5)
 
 
 def test_old_samples_leave_the_window() -> None:
@@ -51,15 +55,18 @@ def test_one_queue_confirms_one_fall_unless_it_grows() -> None:
     q = QueueDelay(threshold_s=0.08, threshold_share=0.15)
     for i in range(6):
         q.add(0.6, i * 0.5)
+    q.add(0.9, 2.8)
     q.add(0.9, 3.0)  # 300 ms of queue
     assert q.confirms(3.0)
     q.followed(3.0)
     q.add(0.92, 3.5)  # the same queue: the receiver's detector fires on
     assert not q.confirms(3.5)
+    q.add(1.1, 3.8)
     q.add(1.1, 4.0)  # it grew by more than the threshold: news
     assert q.confirms(4.0)
     q.followed(4.0)
     q.add(0.62, 4.5)  # drained: the episode ends
+    q.add(0.8, 4.8)
     q.add(0.8, 5.0)  # a new, smaller queue confirms again
     assert q.confirms(5.0)
 
@@ -97,7 +104,8 @@ def test_a_round_trip_that_moves_up_and_stays_is_a_new_link_not_a_queue() -> Non
     assert q.new_links >= 1
     assert q.base_s(11.0) == pytest.approx(0.58, abs=0.02)
     assert not q.confirms(11.0)
-    q.add(0.80, 11.5)  # then a real queue on the new link
+    q.add(0.80, 11.3)  # then a real queue on the new link
+    q.add(0.80, 11.5)
     assert q.confirms(11.5)
 
 

@@ -66,7 +66,9 @@ publisher: the ladder's worker CPU seconds (``ladders[track].cpu_s``) over the
 run / run length, as % of one core.
 
 ``--trace FILE`` writes, every 0.5 s and per mode, the weak viewer's layers,
-estimate, video copies and the emulated link's backlog to ``FILE.<mode>.jsonl``.
+estimate (with what made the last cut), round trips as the queue judge sees
+them (floor, newest sample, new links), video copies, frames and the emulated
+link's backlog to ``FILE.<mode>.jsonl``.
 
     python -m bench.weak_link_bench --phase-seconds 60
 """

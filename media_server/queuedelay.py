@@ -113,17 +113,18 @@ class QueueDelay:
         empty, once confirmed a REMB fall that paused a satellite viewer's
         video for 9 s.  A queue lasts longer than one report interval."""
         base = self.base_s(now)
-        if base is None:
-            return None
-        return min(self._samples[-1][1], self._samples[-2][1]) - base
+        return None if base is None else self._queued_above(base)
+
+    def _queued_above(self, base_s: float) -> float:
+        return min(self._samples[-1][1], self._samples[-2][1]) - base_s
 
     def confirms(self, now: float) -> bool:
         """True unless enough recent samples show no queue worth the name, or
         only the queue a fall was already followed for."""
         base = self.base_s(now)
-        queued = self.queued_s(now)
-        if base is None or queued is None or now - self._samples[-1][0] > self.stale_s:
+        if base is None or now - self._samples[-1][0] > self.stale_s:
             return True
+        queued = self._queued_above(base)
         threshold = self._threshold(base)
         if self._followed_queue is not None:
             return queued >= self._followed_queue + threshold

@@ -79,12 +79,16 @@ RISE_LIMIT_ADD_BPS = 10_000
 SUSPECT_REMB_S = 2.0  # a REMB fall is followed if round trips show a queue this soon
 LOSS_SMOOTHING_PACKETS = 500  # a report block weighs (packets it covers) / this, up to 0.3
 HEAVY_LOSS_PACKETS = 20  # a block this big losing > 10 % (or such a judged loss): a queue overflows
+# a repeated stream's loss is left out of the estimate's while a stream sent once reported this soon
+PLAIN_REPORT_FRESH_S = 3.0
 # Start at the ceiling: a viewer is moved off the original only on evidence.
 # Rise below 5 % loss (not 2 %): satellite and EDGE links lose 2-3 % at random,
 # which would otherwise hold the estimate forever; overshooting a real queue
 # shows up as far more than the 10 % that cuts.
 # After a loss cut, a clean link climbs back to 70 % of its REMB at +50 %/s
 # (aiortc's per-stream REMB is a ceiling of 1.5x what it receives, not capacity).
+# A loss cut goes to what got through (delivered x (1 - loss)): EDGE after a
+# satellite link lost 80 %, and cuts of 15-40 % an RTT apart took 3.5 s.
 ESTIMATOR = EstimatorConfig(
     initial_bps=20_000_000,
     ceiling_bps=20_000_000,
@@ -92,6 +96,7 @@ ESTIMATOR = EstimatorConfig(
     remb_recovery_fraction=0.7,
     delivered_floor_share=0.9,
     judge_loss_packets=60,
+    loss_cut_share=1.0,
 )
 
 
@@ -240,6 +245,7 @@ class SubscriberAdaptation:
         self._stale: set[int] = set()  # DownTracks idle long enough: next report is an origin
         self._resumed_at: dict[int, float] = {}  # video DownTrack -> when it left "paused"
         self._repeated: set[int] = set()  # video DownTracks whose packets are sent twice
+        self._plain_report_at: float | None = None  # last report of a stream sent once
 
     def __repr__(self) -> str:
         return f"SubscriberAdaptation({self.label})"
@@ -319,6 +325,15 @@ class SubscriberAdaptation:
             # aiortc's RTT is smoothed (0.85): after a link change it lags by seconds,
             # and a stale short RTT lets loss cuts compound (they are spaced by it)
             rtt = max(rtt, report.rtt_sample_s)
+        # a receiver counts both copies of a repeated packet: until more than half of
+        # them are lost its reports show none (at 80 % loss, 60 %); while a stream
+        # sent once (audio, the mix) reports, only its loss counts, the link's
+        if key in self._repeated:
+            plain = self._plain_report_at
+            if plain is not None and now - plain < PLAIN_REPORT_FRESH_S:
+                expected = 0  # its round trip only
+        elif not idle:
+            self._plain_report_at = now
         self.estimator.on_receiver_report(report.fraction_lost, rtt, now, expected)
         # a full drop-tail queue's round trip is flat too, but it loses what overflows
         heavy = ESTIMATOR.loss_decrease_above

@@ -34,9 +34,14 @@ and held with hysteresis, down fast and up slowly:
   random loss a third of all 20-packet pools lose one packet (5 %), which
   would hold the estimate most of the time.
 * **loss > 10 %** — congestion: the estimate is cut to
-  ``min(estimate, delivered rate) x (1 - 0.5 x loss)``.  The delivered rate is
-  used because the allocator may be sending far less than the estimate (rungs
-  are coarse): the link is known to be smaller than what we actually sent.
+  ``min(estimate, delivered rate) x (1 - loss_cut_share x loss)``.  The
+  delivered rate is used because the allocator may be sending far less than the
+  estimate (rungs are coarse): the link is known to be smaller than what we
+  actually sent.  ``loss_cut_share`` is 0.5 by default (libwebrtc's
+  loss-based controller); at 1.0 the cut goes to what got through (the
+  delivered rate less what was lost), a drop-tail link's capacity: one cut
+  instead of several, each an RTT apart, when a link falls to a fraction of
+  what it carried.
   Cuts are spaced by at least ``300 ms + RTT`` (libwebrtc's
   ``kBweDecreaseInterval``) so the several report blocks of one RTCP compound,
   or two reports about the same burst, do not compound into a collapse.  The
@@ -88,6 +93,7 @@ class EstimatorConfig:
     loss_increase_below: float = LOSS_INCREASE_BELOW
     loss_decrease_above: float = LOSS_DECREASE_ABOVE
     decrease_interval_s: float = 0.3  # + RTT between two loss cuts
+    loss_cut_share: float = 0.5  # a loss cut multiplies by (1 - this x loss)
     delivered_window_s: float = 1.0
     # After a loss cut on a link that is clean again, climb quickly back to this share
     # of the REMB (the receiver's delay-based estimate, capped by what it receives).
@@ -110,6 +116,8 @@ class EstimatorConfig:
             raise ValueError("need 0 <= loss_increase_below <= loss_decrease_above <= 1")
         if self.delivered_window_s <= 0 or self.decrease_interval_s < 0:
             raise ValueError("delivered_window_s must be > 0 and decrease_interval_s >= 0")
+        if not 0 < self.loss_cut_share <= 1:
+            raise ValueError("loss_cut_share must be in (0, 1]")
         if self.remb_max_age_s <= 0:
             raise ValueError("remb_max_age_s must be > 0")
         if not 1 <= self.min_loss_packets <= self.judge_loss_packets:
@@ -207,7 +215,7 @@ class BandwidthEstimator:
                 delivered = self.delivered_bps(now)
                 if delivered is not None:
                     base = min(base, float(delivered))
-                target = max(float(cfg.floor_bps), base * (1.0 - 0.5 * loss))
+                target = max(float(cfg.floor_bps), base * (1.0 - cfg.loss_cut_share * loss))
                 if target < self._estimate:
                     self._set(target, "decrease")
                     self._last_cut_by = f"loss {loss:.2f}"

@@ -65,6 +65,21 @@ def test_cut_uses_the_delivered_rate_when_below_the_estimate() -> None:
     assert est.estimate_bps(2.0) == pytest.approx(300_000 * 0.9, rel=0.05)
 
 
+def test_a_full_loss_cut_share_cuts_to_what_got_through() -> None:
+    """A link that fell to a fifth of what it carried: one cut to that fifth."""
+    est = BandwidthEstimator(EstimatorConfig(initial_bps=5_000_000, loss_cut_share=1.0))
+    deliver(est, 300_000, 0.0, 2.05)
+    est.on_receiver_report(0.8, 0.7, 2.0)
+    assert est.estimate_bps(2.0) == pytest.approx(300_000 * 0.2, rel=0.05)
+    assert est.snapshot(2.0).last_cut == "loss 0.80"
+
+
+def test_loss_cut_share_must_be_a_share() -> None:
+    for share in (0.0, 1.5):
+        with pytest.raises(ValueError):
+            EstimatorConfig(loss_cut_share=share)
+
+
 def test_recovery_waits_two_seconds_then_climbs_at_most_8_percent_a_second() -> None:
     est = BandwidthEstimator(EstimatorConfig(initial_bps=1_000_000))
     est.on_remb(10_000_000, 0.0)

@@ -79,16 +79,16 @@ RISE_LIMIT_ADD_BPS = 10_000
 SUSPECT_REMB_S = 2.0  # a REMB fall is followed if round trips show a queue this soon
 LOSS_SMOOTHING_PACKETS = 500  # a report block weighs (packets it covers) / this, up to 0.3
 HEAVY_LOSS_PACKETS = 20  # a block this big losing > 10 % (or such a judged loss): a queue overflows
-# a repeated stream's loss is left out of the estimate's while a stream sent once reported this soon
-PLAIN_REPORT_FRESH_S = 3.0
+# a stream repeated this long: its reports are about copies only (see _copy_loss)
+REPEAT_SETTLE_S = 3.0
 # Start at the ceiling: a viewer is moved off the original only on evidence.
 # Rise below 5 % loss (not 2 %): satellite and EDGE links lose 2-3 % at random,
 # which would otherwise hold the estimate forever; overshooting a real queue
 # shows up as far more than the 10 % that cuts.
 # After a loss cut, a clean link climbs back to 70 % of its REMB at +50 %/s
 # (aiortc's per-stream REMB is a ceiling of 1.5x what it receives, not capacity).
-# A loss cut goes to what got through (delivered x (1 - loss)): EDGE after a
-# satellite link lost 80 %, and cuts of 15-40 % an RTT apart took 3.5 s.
+# A loss cut goes to what got through of what was sent a round trip earlier:
+# from satellite to EDGE, cuts by half the loss, an RTT apart, took 3.5 s.
 ESTIMATOR = EstimatorConfig(
     initial_bps=20_000_000,
     ceiling_bps=20_000_000,
@@ -244,8 +244,9 @@ class SubscriberAdaptation:
         self._idle_since: dict[int, float] = {}  # DownTrack -> since when it sends nothing
         self._stale: set[int] = set()  # DownTracks idle long enough: next report is an origin
         self._resumed_at: dict[int, float] = {}  # video DownTrack -> when it left "paused"
-        self._repeated: set[int] = set()  # video DownTracks whose packets are sent twice
-        self._plain_report_at: float | None = None  # last report of a stream sent once
+        self._repeated: dict[int, float] = {}  # video DownTracks sent twice -> since when
+        self._cumulative_lost: dict[int, int] = {}  # DownTrack -> last report's packets lost
+        self._receiver_counts_copies = False  # a repeated stream's receiver counts both
 
     def __repr__(self) -> str:
         return f"SubscriberAdaptation({self.label})"
@@ -325,21 +326,13 @@ class SubscriberAdaptation:
             # aiortc's RTT is smoothed (0.85): after a link change it lags by seconds,
             # and a stale short RTT lets loss cuts compound (they are spaced by it)
             rtt = max(rtt, report.rtt_sample_s)
-        # a receiver counts both copies of a repeated packet: until more than half of
-        # them are lost its reports show none (at 80 % loss, 60 %); while a stream
-        # sent once (audio, the mix) reports, only its loss counts, the link's
-        if key in self._repeated:
-            plain = self._plain_report_at
-            if plain is not None and now - plain < PLAIN_REPORT_FRESH_S:
-                expected = 0  # its round trip only
-        elif not idle:
-            self._plain_report_at = now
-        self.estimator.on_receiver_report(report.fraction_lost, rtt, now, expected)
+        fraction_lost = self._copy_loss(key, report, expected, now)
+        self.estimator.on_receiver_report(fraction_lost, rtt, now, expected)
         # a full drop-tail queue's round trip is flat too, but it loses what overflows
         heavy = ESTIMATOR.loss_decrease_above
         judged = self.estimator.judged_loss
         if (judged is not None and judged > heavy) or (
-            expected >= HEAVY_LOSS_PACKETS and report.fraction_lost > heavy
+            expected >= HEAVY_LOSS_PACKETS and fraction_lost > heavy
         ):
             self.queue_delay.heavy_loss(now)
         if not idle and report.rtt_sample_s is not None:
@@ -352,6 +345,34 @@ class SubscriberAdaptation:
                     self.estimator.on_remb(suspect[0], now)
             else:
                 self._suspect_remb = None
+
+    def _copy_loss(
+        self, key: int, report: hooks.ReceiverReport, expected: int, now: float
+    ) -> float:
+        """The share of the copies sent that were lost (a stream sent once: its loss).
+
+        aiortc's receiver counts every copy of a repeated packet it gets as
+        received, so its reports show no loss until more than half the copies
+        are lost (60 % when 80 % are), and the cumulative loss it reports falls
+        between reports.  Then it received ``expected - (change in cumulative
+        loss)`` of ``copies x expected`` copies sent.  A receiver that counts one
+        copy per packet (the other on its RTX stream's statistics, libwebrtc)
+        reports the loss of the copies on this stream as it is.  For
+        :data:`REPEAT_SETTLE_S` after repeats start a report may still be
+        about packets sent once: taken as it is.
+        """
+        previous = self._cumulative_lost.get(key)
+        self._cumulative_lost[key] = report.packets_lost
+        since = self._repeated.get(key)
+        if since is None or previous is None or expected <= 0 or now - since < REPEAT_SETTLE_S:
+            return report.fraction_lost
+        received = expected - (report.packets_lost - previous)
+        if received > expected:
+            self._receiver_counts_copies = True
+        if not self._receiver_counts_copies:
+            return report.fraction_lost
+        copies = self.video_repeat.config.copies
+        return min(1.0, max(0.0, 1.0 - received / (copies * expected)))
 
     def _allow_retransmissions(
         self, resent: dict[int, float], lost: list[int], now: float
@@ -511,7 +532,7 @@ class SubscriberAdaptation:
             choice = choices.get(candidate.track_id)
             if choice is not None:
                 await self._apply(slot, choice)
-                self._repeat(slot, copies if choice.layer not in (ORIGINAL, PAUSED) else 1)
+                self._repeat(slot, copies if choice.layer not in (ORIGINAL, PAUSED) else 1, now)
 
     def _rise_limit(self, now: float, video_flowing: bool) -> float | None:
         """On a lossy long-RTT link, no rise past 1.5x what was delivered + 10 kbit/s.
@@ -528,15 +549,15 @@ class SubscriberAdaptation:
         delivered = self.estimator.delivered_bps(now)
         return None if delivered is None else RISE_LIMIT_FACTOR * delivered + RISE_LIMIT_ADD_BPS
 
-    def _repeat(self, slot: Slot, copies: int) -> None:
+    def _repeat(self, slot: Slot, copies: int, now: float) -> None:
         """Send every packet of ``slot`` ``copies`` times from now on."""
         key = id(slot.downtrack)
         if copies > 1:
-            self._repeated.add(key)
+            self._repeated.setdefault(key, now)
         elif key not in self._repeated:
             return
         else:
-            self._repeated.discard(key)
+            del self._repeated[key]
         sender = getattr(slot.transceiver, "sender", None)
         if sender is not None:
             hooks.repeat_packets(sender, copies, on_copy=slot.downtrack.count_repeat)

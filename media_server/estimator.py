@@ -34,14 +34,17 @@ and held with hysteresis, down fast and up slowly:
   random loss a third of all 20-packet pools lose one packet (5 %), which
   would hold the estimate most of the time.
 * **loss > 10 %** — congestion: the estimate is cut to
-  ``min(estimate, delivered rate) x (1 - loss_cut_share x loss)``.  The
-  delivered rate is used because the allocator may be sending far less than the
-  estimate (rungs are coarse): the link is known to be smaller than what we
-  actually sent.  ``loss_cut_share`` is 0.5 by default (libwebrtc's
-  loss-based controller); at 1.0 the cut goes to what got through (the
-  delivered rate less what was lost), a drop-tail link's capacity: one cut
-  instead of several, each an RTT apart, when a link falls to a fraction of
-  what it carried.
+  ``min(estimate, sent) x (1 - loss_cut_share x loss)``, where *sent* is the
+  delivered rate over the second that ended one round trip ago: a report is
+  about packets received in about the last second, sent a round trip before it
+  reached us.  The delivered rate is used because the allocator may be sending
+  far less than the estimate (rungs are coarse): the link is known to be
+  smaller than what we actually sent.  A report about packets sent before the
+  last cut does not compound with it (the cut answered that loss): it cuts only
+  if ``sent x (1 - share x loss)`` is lower still.  ``loss_cut_share`` is 0.5
+  by default (libwebrtc's loss-based controller); at 1.0 the cut goes to what
+  got through, a drop-tail link's capacity: one cut instead of several, each
+  an RTT apart, when a link falls to a fraction of what it carried.
   Cuts are spaced by at least ``300 ms + RTT`` (libwebrtc's
   ``kBweDecreaseInterval``) so the several report blocks of one RTCP compound,
   or two reports about the same burst, do not compound into a collapse.  The
@@ -94,6 +97,7 @@ class EstimatorConfig:
     loss_decrease_above: float = LOSS_DECREASE_ABOVE
     decrease_interval_s: float = 0.3  # + RTT between two loss cuts
     loss_cut_share: float = 0.5  # a loss cut multiplies by (1 - this x loss)
+    report_lookback_max_s: float = 3.0  # a report is about what was sent at most this long ago
     delivered_window_s: float = 1.0
     # After a loss cut on a link that is clean again, climb quickly back to this share
     # of the REMB (the receiver's delay-based estimate, capped by what it receives).
@@ -118,6 +122,8 @@ class EstimatorConfig:
             raise ValueError("delivered_window_s must be > 0 and decrease_interval_s >= 0")
         if not 0 < self.loss_cut_share <= 1:
             raise ValueError("loss_cut_share must be in (0, 1]")
+        if self.report_lookback_max_s < 0:
+            raise ValueError("report_lookback_max_s must be >= 0")
         if self.remb_max_age_s <= 0:
             raise ValueError("remb_max_age_s must be > 0")
         if not 1 <= self.min_loss_packets <= self.judge_loss_packets:
@@ -149,10 +155,11 @@ class BandwidthEstimator:
         self._rtt: float | None = None
         self._good_since: float | None = None  # first of an unbroken run of reports < 2 %
         self._last_time: float | None = None  # last time the estimate was advanced
-        self._last_cut: float | None = None
+        self._last_cut: float | None = None  # last loss cut
+        self._decreased_at: float | None = None  # last decrease, by loss or REMB
         self._last_change = "hold"
+        # (time, bytes) for the last delivered_window_s + report_lookback_max_s
         self._delivered: deque[tuple[float, int]] = deque()
-        self._delivered_bytes = 0
         self._first_delivery: float | None = None
         self._pooled_lost = 0.0  # report blocks not yet judged (see min_loss_packets)
         self._pooled_expected = 0
@@ -172,6 +179,7 @@ class BandwidthEstimator:
         self._remb_at = now
         if self._remb < self._estimate:
             self._set(max(float(self.config.floor_bps), float(self._remb)), "decrease")
+            self._decreased_at = now
             self._last_cut_by = "remb"
 
     def on_receiver_report(
@@ -210,14 +218,11 @@ class BandwidthEstimator:
             self._good_since = None
             interval = cfg.decrease_interval_s + (self._rtt or 0.0)
             if self._last_cut is None or now - self._last_cut >= interval:
+                target = self._loss_cut_target(loss, now)
                 self._last_cut = now
-                base = self._estimate
-                delivered = self.delivered_bps(now)
-                if delivered is not None:
-                    base = min(base, float(delivered))
-                target = max(float(cfg.floor_bps), base * (1.0 - cfg.loss_cut_share * loss))
                 if target < self._estimate:
                     self._set(target, "decrease")
+                    self._decreased_at = now
                     self._last_cut_by = f"loss {loss:.2f}"
         elif loss >= cfg.loss_increase_below:
             self._good_since = None
@@ -234,7 +239,6 @@ class BandwidthEstimator:
         if self._first_delivery is None:
             self._first_delivery = now
         self._delivered.append((now, nbytes))
-        self._delivered_bytes += nbytes
         self._expire(now)
 
     # -- outputs ------------------------------------------------------------
@@ -254,11 +258,8 @@ class BandwidthEstimator:
         if self._first_delivery is None:
             return None
         self._expire(now)
-        window = self.config.delivered_window_s
-        span = min(window, now - self._first_delivery)
-        if span < window / 2:
-            return None
-        return int(8 * self._delivered_bytes / span)
+        sent = self._delivered_until(now)
+        return None if sent is None else int(sent)
 
     def snapshot(self, now: float) -> EstimateSnapshot:
         estimate = self.estimate_bps(now)
@@ -337,7 +338,33 @@ class BandwidthEstimator:
             return None
         return fraction * self._remb
 
+    def _delivered_until(self, end: float) -> float | None:
+        """Delivered bits/s over the window ending at ``end``; None until half a window."""
+        if self._first_delivery is None:
+            return None
+        window = self.config.delivered_window_s
+        span = min(window, end - self._first_delivery)
+        if span < window / 2:
+            return None
+        start, end = end - window, end + 1e-6  # times summed from steps meet ``end``
+        return 8 * sum(n for t, n in self._delivered if start < t <= end) / span
+
+    def _loss_cut_target(self, loss: float, now: float) -> float:
+        """Where a loss cut goes: what got through of what the report is about."""
+        cfg = self.config
+        sent_until = now - min(self._rtt or 0.0, cfg.report_lookback_max_s)
+        sent = self._delivered_until(sent_until)
+        sent_from = sent_until - cfg.delivered_window_s
+        if sent is None:
+            base = self._estimate
+        elif self._decreased_at is not None and self._decreased_at > sent_from:
+            base = sent  # sent (partly) before the last decrease: that answered it
+        else:
+            base = min(self._estimate, sent)
+        return max(float(cfg.floor_bps), base * (1.0 - cfg.loss_cut_share * loss))
+
     def _expire(self, now: float) -> None:
-        horizon = now - self.config.delivered_window_s
+        cfg = self.config
+        horizon = now - cfg.delivered_window_s - cfg.report_lookback_max_s
         while self._delivered and self._delivered[0][0] <= horizon:
-            self._delivered_bytes -= self._delivered.popleft()[1]
+            self._delivered.popleft()

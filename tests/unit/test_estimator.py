@@ -35,16 +35,18 @@ def test_remb_drop_is_followed_immediately_and_a_rise_is_not() -> None:
 
 def test_loss_of_20_percent_cuts_within_one_second() -> None:
     est = BandwidthEstimator(EstimatorConfig(initial_bps=1_000_000))
-    deliver(est, 800_000, 0.0, 3.0)
+    deliver(est, 800_000, 0.0, 3.5)
     est.on_receiver_report(0.0, 0.1, 1.5)
     assert est.estimate_bps(2.0) == 1_000_000
     # 20 % loss reported from t=2.0 on, every 0.5 s
     est.on_receiver_report(0.2, 0.1, 2.0)
     after = est.estimate_bps(2.0)
     assert after <= 800_000 * 0.9 * 1.02  # cut from the delivered rate, at once
-    est.on_receiver_report(0.2, 0.1, 2.5)
-    assert est.estimate_bps(2.5) < after  # keeps cutting while the loss lasts
-    assert est.snapshot(2.5).state == "decrease"
+    est.on_receiver_report(0.2, 0.1, 2.5)  # about packets sent before that cut
+    assert est.estimate_bps(2.5) == after
+    est.on_receiver_report(0.2, 0.1, 3.2)  # about packets sent after it
+    assert est.estimate_bps(3.2) < after  # keeps cutting while the loss lasts
+    assert est.snapshot(3.2).state == "decrease"
 
 
 def test_report_blocks_of_one_compound_cut_once() -> None:
@@ -72,6 +74,22 @@ def test_a_full_loss_cut_share_cuts_to_what_got_through() -> None:
     est.on_receiver_report(0.8, 0.7, 2.0)
     assert est.estimate_bps(2.0) == pytest.approx(300_000 * 0.2, rel=0.05)
     assert est.snapshot(2.0).last_cut == "loss 0.80"
+
+
+def test_a_loss_report_is_about_what_was_sent_one_round_trip_earlier() -> None:
+    """A cut sent less; a report about the second before it does not cut what is sent now."""
+    est = BandwidthEstimator(EstimatorConfig(initial_bps=5_000_000, loss_cut_share=1.0))
+    deliver(est, 900_000, 0.0, 3.0)
+    deliver(est, 100_000, 3.0, 4.05)  # the allocator answered a REMB fall at 3.0
+    est.on_remb(300_000, 3.0)
+    # 12 % loss of what was sent up to one round trip (1 s) ago: 900 kbit/s
+    est.on_receiver_report(0.12, 1.0, 4.0)
+    assert est.estimate_bps(4.0) == 300_000  # not 100 kbit/s x 0.88
+    assert est.snapshot(4.0).last_cut == "remb"
+    # the same loss of what was sent at 100 kbit/s, after the cut: that is cut
+    deliver(est, 100_000, 4.05, 6.05)
+    est.on_receiver_report(0.12, 1.0, 6.02)
+    assert est.estimate_bps(6.02) == pytest.approx(100_000 * 0.88, rel=0.02)
 
 
 def test_loss_cut_share_must_be_a_share() -> None:

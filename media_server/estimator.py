@@ -219,8 +219,8 @@ class BandwidthEstimator:
             interval = cfg.decrease_interval_s + (self._rtt or 0.0)
             if self._last_cut is None or now - self._last_cut >= interval:
                 target = self._loss_cut_target(loss, now)
-                self._last_cut = now
-                if target < self._estimate:
+                if target < self._estimate:  # a judgement that cut nothing spaces nothing
+                    self._last_cut = now
                     self._set(target, "decrease")
                     self._decreased_at = now
                     self._last_cut_by = f"loss {loss:.2f}"

@@ -92,6 +92,17 @@ def test_a_loss_report_is_about_what_was_sent_one_round_trip_earlier() -> None:
     assert est.estimate_bps(6.02) == pytest.approx(100_000 * 0.88, rel=0.02)
 
 
+def test_a_loss_report_that_cuts_nothing_does_not_delay_the_next_cut() -> None:
+    """lan -> 3g: a REMB cut to 1.8 Mbit/s, then 15 % of 2.9 Mbit/s, then 85 % of it."""
+    est = BandwidthEstimator(EstimatorConfig(initial_bps=20_000_000, loss_cut_share=1.0))
+    deliver(est, 2_900_000, 0.0, 3.05)
+    est.on_remb(1_800_000, 2.0)
+    est.on_receiver_report(0.15, 0.5, 2.5)  # 2.9 x 0.85 > 1.8: no cut
+    assert est.estimate_bps(2.5) == 1_800_000
+    est.on_receiver_report(0.85, 0.5, 3.02)  # within 300 ms + RTT of the last report
+    assert est.estimate_bps(3.02) == pytest.approx(2_900_000 * 0.15, rel=0.02)
+
+
 def test_loss_cut_share_must_be_a_share() -> None:
     for share in (0.0, 1.5):
         with pytest.raises(ValueError):

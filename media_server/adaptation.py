@@ -246,6 +246,7 @@ class SubscriberAdaptation:
         self._resumed_at: dict[int, float] = {}  # video DownTrack -> when it left "paused"
         self._repeated: dict[int, float] = {}  # video DownTracks sent twice -> since when
         self._cumulative_lost: dict[int, int] = {}  # DownTrack -> last report's packets lost
+        self._bytes_at_report: dict[int, int] = {}  # DownTrack -> its wire bytes at that report
         self._receiver_counts_copies = False  # a repeated stream's receiver counts both
 
     def __repr__(self) -> str:
@@ -291,10 +292,10 @@ class SubscriberAdaptation:
             on_keyframe_request=downtrack.request_keyframe,
             on_remb=on_remb,
             nack_filter=nack_filter,
-            on_report=lambda rr: self._on_report(key, rr),
+            on_report=lambda rr: self._on_report(key, rr, downtrack.wire_bytes_forwarded),
         )
 
-    def _on_report(self, key: int, report: hooks.ReceiverReport) -> None:
+    def _on_report(self, key: int, report: hooks.ReceiverReport, sent_bytes: int = 0) -> None:
         """Pass a report block on with the number of packets it covers.
 
         The receiver's extended highest sequence number advances by what it
@@ -306,6 +307,11 @@ class SubscriberAdaptation:
         """
         previous = self._highest_seq.get(key)
         self._highest_seq[key] = report.highest_sequence
+        # what the block's packets weigh: the bytes sent since the last block (one
+        # report interval, a round trip later; copies and repairs included)
+        bytes_before = self._bytes_at_report.get(key)
+        self._bytes_at_report[key] = sent_bytes
+        sent_weight = None if bytes_before is None else max(0, sent_bytes - bytes_before)
         if key in self._stale and report.highest_sequence != previous:
             self._stale.discard(key)
             previous = None
@@ -327,7 +333,7 @@ class SubscriberAdaptation:
             # and a stale short RTT lets loss cuts compound (they are spaced by it)
             rtt = max(rtt, report.rtt_sample_s)
         fraction_lost = self._copy_loss(key, report, expected, now)
-        self.estimator.on_receiver_report(fraction_lost, rtt, now, expected)
+        self.estimator.on_receiver_report(fraction_lost, rtt, now, expected, sent_weight)
         # a full drop-tail queue's round trip is flat too, but it loses what overflows
         heavy = ESTIMATOR.loss_decrease_above
         judged = self.estimator.judged_loss

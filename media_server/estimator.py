@@ -162,6 +162,8 @@ class BandwidthEstimator:
         self._delivered: deque[tuple[float, int]] = deque()
         self._first_delivery: float | None = None
         self._pooled_lost = 0.0  # report blocks not yet judged (see min_loss_packets)
+        self._pooled_weight = 0.0  # ... by weight (bytes), and by packets
+        self._pooled_lost_packets = 0.0
         self._pooled_expected = 0
         self._pool_started = 0.0
         # set by the caller: no rise past this (None: no such limit); see adaptation.py
@@ -183,13 +185,22 @@ class BandwidthEstimator:
             self._last_cut_by = "remb"
 
     def on_receiver_report(
-        self, fraction_lost: float, rtt_s: float | None, now: float, expected: int | None = None
+        self,
+        fraction_lost: float,
+        rtt_s: float | None,
+        now: float,
+        expected: int | None = None,
+        weight: float | None = None,
     ) -> None:
         """One report block: ``fraction_lost`` in 0..1 since the previous report.
 
         ``expected``: how many packets the block covers.  Blocks that say are
         pooled until they cover ``min_loss_packets``; a block without it is
-        judged on its own.
+        judged on its own.  ``weight``: what those packets weigh (their bytes
+        sent); the pooled loss is then the share of the weight lost (default:
+        of the packets).  A full drop-tail queue in bytes drops a big video
+        packet where a small audio one still fits: by packets, 30 pooled
+        audio packets hide that most of the bytes were lost.
         """
         self._advance(now)
         if rtt_s is not None and rtt_s >= 0:
@@ -200,18 +211,25 @@ class BandwidthEstimator:
                 return
             if self._pooled_expected == 0:
                 self._pool_started = now
-            self._pooled_lost += loss * expected
+            w = float(expected) if weight is None else max(0.0, float(weight))
+            self._pooled_lost += loss * w
+            self._pooled_weight += w
+            self._pooled_lost_packets += loss * expected
             self._pooled_expected += expected
             if self._pooled_expected < self.config.min_loss_packets:
                 return
-            loss = min(1.0, self._pooled_lost / self._pooled_expected)
+            if self._pooled_weight > 0:
+                loss = min(1.0, self._pooled_lost / self._pooled_weight)
+            else:  # nothing weighed (no bytes counted): by packets
+                loss = min(1.0, self._pooled_lost_packets / self._pooled_expected)
             if (
                 loss <= self.config.loss_decrease_above
                 and self._pooled_expected < self.config.judge_loss_packets
                 and now - self._pool_started < self.config.judge_after_s
             ):
                 return  # not heavy: pool on for a steadier figure
-            self._pooled_lost, self._pooled_expected = 0.0, 0
+            self._pooled_lost, self._pooled_weight = 0.0, 0.0
+            self._pooled_lost_packets, self._pooled_expected = 0.0, 0
         self._loss = loss
         cfg = self.config
         if loss > cfg.loss_decrease_above:

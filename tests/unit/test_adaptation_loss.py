@@ -70,3 +70,19 @@ async def test_just_after_repeats_start_a_report_is_taken_as_it_is() -> None:
     on_report(_block(0.0, -90, 1120))
     assert adaptation.estimator.judged_loss == 0.0
     assert adaptation.estimator.estimate_bps(time.monotonic()) > delivered
+
+
+async def test_the_link_s_loss_is_weighed_by_the_bytes_each_stream_sent() -> None:
+    """A few big video packets lost count for more than many small audio ones kept."""
+    adaptation, video, _ = await _repeating(0.0)
+    adaptation._repeat(video, 1, time.monotonic())
+    audio = Slot("audio", DownTrack("audio", "t"), cast(Any, None))
+    on_video = adaptation.feedback(video.downtrack).on_report
+    on_audio = adaptation.feedback(audio.downtrack).on_report
+    on_video(_block(0.0, 0, 1000))  # origins
+    on_audio(_block(0.0, 0, 1000))
+    video.downtrack.wire_bytes_forwarded += 15 * 1200
+    audio.downtrack.wire_bytes_forwarded += 50 * 100
+    on_video(_block(0.8, 12, 1015))
+    on_audio(_block(0.04, 2, 1050))
+    assert adaptation.estimator.judged_loss == pytest.approx((0.8 * 18_000 + 0.04 * 5_000) / 23_000)

@@ -103,6 +103,21 @@ def test_a_loss_report_that_cuts_nothing_does_not_delay_the_next_cut() -> None:
     assert est.estimate_bps(3.02) == pytest.approx(2_900_000 * 0.15, rel=0.02)
 
 
+def test_pooled_loss_is_the_share_of_the_weight_lost() -> None:
+    """EDGE: the full queue drops big video packets; small audio packets still fit."""
+    est = BandwidthEstimator(EstimatorConfig(initial_bps=1_000_000, judge_loss_packets=60))
+    est.on_receiver_report(0.04, 0.7, 1.0, expected=50, weight=50 * 100)  # audio
+    est.on_receiver_report(0.8, 0.7, 1.0, expected=15, weight=15 * 1200)  # video
+    assert est.judged_loss == pytest.approx((0.04 * 5_000 + 0.8 * 18_000) / 23_000)
+    assert est.estimate_bps(1.0) < 1_000_000
+
+
+def test_blocks_that_weigh_nothing_are_judged_by_packets() -> None:
+    est = BandwidthEstimator(EstimatorConfig(initial_bps=1_000_000))
+    est.on_receiver_report(0.3, 0.1, 1.0, expected=30, weight=0)
+    assert est.judged_loss == pytest.approx(0.3)
+
+
 def test_loss_cut_share_must_be_a_share() -> None:
     for share in (0.0, 1.5):
         with pytest.raises(ValueError):

@@ -1,4 +1,4 @@
-"""SubscriberAdaptation: the loss a repeated video's receiver reports (pure, no media)."""
+"""SubscriberAdaptation: what receiver reports say about the link (pure, no media)."""
 
 from __future__ import annotations
 
@@ -86,3 +86,20 @@ async def test_the_link_s_loss_is_weighed_by_the_bytes_each_stream_sent() -> Non
     on_video(_block(0.8, 12, 1015))
     on_audio(_block(0.04, 2, 1050))
     assert adaptation.estimator.judged_loss == pytest.approx((0.8 * 18_000 + 0.04 * 5_000) / 23_000)
+
+
+def _rtt(rtt: float, highest: int) -> ReceiverReport:
+    return ReceiverReport(0.0, 0, 0, highest, rtt_s=rtt, rtt_sample_s=rtt)
+
+
+async def test_a_shorter_path_starts_the_estimate_again() -> None:
+    """EDGE -> LAN: the estimate left at the 40 kbit/s floor is about a path that is gone."""
+    adaptation, slot, _ = await _repeating(0.0)
+    on_report = adaptation.feedback(slot.downtrack).on_report
+    adaptation.estimator.on_remb(40_000, time.monotonic())
+    for i in range(5):
+        on_report(_rtt(0.75, 1000 + 10 * i))
+    assert adaptation.estimator.estimate_bps(time.monotonic()) == 40_000
+    on_report(_rtt(0.002, 1060))
+    on_report(_rtt(0.002, 1070))
+    assert adaptation.estimator.estimate_bps(time.monotonic()) >= 300_000

@@ -217,6 +217,28 @@ def mix_phase(segment: MixSegment, t0: float, t1: float) -> tuple[int, int, floa
     return expected, received, _longest_run(missing) * frame_s * 1000, arrivals
 
 
+def mix_timestamp_jumps(segment: MixSegment, slack_s: float = 0.5) -> list[tuple[float, float]]:
+    """(send time, seconds) where the mix's RTP timestamps moved off the frame grid or
+    ran ahead of the send times by more than ``slack_s``: a lost frame is a missing
+    grid point only while the timestamps keep to one grid, so after such a jump
+    :func:`mix_phase` counts frames that arrived as lost (a hole with no silence).
+    """
+    ticks = 48 * segment.frame_ms
+    jumps: list[tuple[float, float]] = []
+    previous: tuple[float, int] | None = None
+    for _, sent, ts in sorted(segment.packets, key=lambda p: p[1]):
+        if previous is not None:
+            delta = (ts - previous[1]) % _WRAP
+            if delta >= _WRAP // 2:
+                delta -= _WRAP
+            ahead = delta / 48_000 - (sent - previous[0])
+            off_grid = abs(delta / ticks - round(delta / ticks)) >= 0.25
+            if off_grid or abs(ahead) > slack_s:
+                jumps.append((sent, delta / 48_000))
+        previous = (sent, ts)
+    return jumps
+
+
 def _longest_run(flags: Iterable[bool]) -> int:
     best = run = 0
     for flag in flags:

@@ -108,6 +108,7 @@ from .audio_seen import (
     AudioSeen,
     LinkAudio,
     append_ts,
+    mix_timestamp_jumps,
     opus_duration_ms,
     phase_audio,
     split_audio,
@@ -768,6 +769,12 @@ async def run_mode(
             audio_sent = sum(
                 int(snap1[s]["audio_sent"]) - int(snap0[s]["audio_sent"]) for s in subs
             )
+            notes = [
+                f"mix timestamps jumped {jump:+.3f} s at t={sent - bounds[0].t:.1f} s"
+                f" ({segment.name})"
+                for segment in seen.segments
+                for sent, jump in mix_timestamp_jumps(segment)
+            ]
             return ModeResult(
                 mode,
                 phase_s,
@@ -778,6 +785,7 @@ async def run_mode(
                 ladder_cpu,
                 audio_sent,
                 run_s,
+                notes,
             )
         finally:
             if viewer is not None:
@@ -882,6 +890,7 @@ def mode_lines(r: ModeResult) -> list[str]:
         f"good viewers: {r.good_delivered}/{r.good_expected} frames = {100 * r.good_ratio:.2f} %"
         f" (worst pair {100 * r.good_worst_pair:.2f} %)",
         f"ladder CPU per publisher (% of a core over {r.run_seconds:.0f} s): {ladder or '—'}",
+        *(f"note: {n}" for n in r.notes),
     ]
     return lines
 

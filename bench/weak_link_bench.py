@@ -67,8 +67,8 @@ run / run length, as % of one core.
 
 ``--trace FILE`` writes, every 0.5 s and per mode, the weak viewer's layers,
 estimate (with what made the last cut), round trips as the queue judge sees
-them (floor, newest sample, new links), video copies, frames and the emulated
-link's backlog to ``FILE.<mode>.jsonl``.
+them (floor, newest sample, new and shorter paths), video copies, frames, the
+emulated link's backlog and the audio mixer's skips to ``FILE.<mode>.jsonl``.
 
     python -m bench.weak_link_bench --phase-seconds 60
 """
@@ -682,6 +682,7 @@ async def run_mode(
                                 backlog_ms=round(1000 * backlog),
                                 queue_drops=down.dropped_queue,
                                 lost=down.dropped_loss,
+                                mix_skips=stats.get("audio_mix", {}).get("skips"),
                             )
                             trace.append(json.dumps(line) + "\n")
                     await asyncio.sleep(LAYER_POLL_S)

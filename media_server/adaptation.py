@@ -297,7 +297,7 @@ class SubscriberAdaptation:
             on_report=lambda rr: self._on_report(key, rr, downtrack.wire_bytes_forwarded),
         )
 
-    def _on_report(self, key: int, report: hooks.ReceiverReport, sent_bytes: int = 0) -> None:
+    def _on_report(self, key: int, report: hooks.ReceiverReport, sent_bytes: int) -> None:
         """Pass a report block on with the number of packets it covers.
 
         The receiver's extended highest sequence number advances by what it
@@ -396,8 +396,7 @@ class SubscriberAdaptation:
         multiplies the load until only repairs flow.  The budget refills at
         RETRANSMIT_SHARE of the estimate (bytes/s, ~1 KB per packet).
         """
-        snapshot_rtt = self.estimator.snapshot(now).rtt_s
-        spacing = max(snapshot_rtt or 0.2, 0.1)
+        spacing = max(self.estimator.rtt_s or 0.2, 0.1)
         budget_rate = RETRANSMIT_SHARE * self.estimator.estimate_bps(now) / 8
         elapsed = now - self._rtx_refilled
         self._rtx_refilled = now
@@ -531,7 +530,7 @@ class SubscriberAdaptation:
         base_rtt = self.queue_delay.recent_floor_s(now)
         copies = self.video_repeat.decide(
             self._loss,
-            base_rtt if base_rtt is not None else self.estimator.snapshot(now).rtt_s,
+            base_rtt if base_rtt is not None else self.estimator.rtt_s,
             estimate - audio_reserve,
             min(rungs, default=None),
         )

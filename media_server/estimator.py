@@ -161,10 +161,9 @@ class BandwidthEstimator:
         # (time, bytes) for the last delivered_window_s + report_lookback_max_s
         self._delivered: deque[tuple[float, int]] = deque()
         self._first_delivery: float | None = None
-        self._pooled_lost = 0.0  # report blocks not yet judged (see min_loss_packets)
-        self._pooled_weight = 0.0  # ... by weight (bytes), and by packets
-        self._pooled_lost_packets = 0.0
-        self._pooled_expected = 0
+        # report blocks not yet judged (see min_loss_packets): lost and total weight
+        # (bytes), lost and total packets
+        self._reset_pool()
         self._pool_started = 0.0
         # set by the caller: no rise past this (None: no such limit); see adaptation.py
         self.rise_limit_bps: float | None = None
@@ -228,8 +227,7 @@ class BandwidthEstimator:
                 and now - self._pool_started < self.config.judge_after_s
             ):
                 return  # not heavy: pool on for a steadier figure
-            self._pooled_lost, self._pooled_weight = 0.0, 0.0
-            self._pooled_lost_packets, self._pooled_expected = 0.0, 0
+            self._reset_pool()
         self._loss = loss
         cfg = self.config
         if loss > cfg.loss_decrease_above:
@@ -263,8 +261,7 @@ class BandwidthEstimator:
         if start_bps > self._estimate:
             self._set(min(float(start_bps), float(self.config.ceiling_bps)), "increase")
         self._remb = None  # about the old path: no cap on the rise
-        self._pooled_lost, self._pooled_weight = 0.0, 0.0
-        self._pooled_lost_packets, self._pooled_expected = 0.0, 0
+        self._reset_pool()
         self._good_since = now
 
     def on_delivered(self, nbytes: int, now: float) -> None:
@@ -282,6 +279,11 @@ class BandwidthEstimator:
         """The estimate at ``now`` (advances the slow increase, if allowed)."""
         self._advance(now)
         return int(self._estimate)
+
+    @property
+    def rtt_s(self) -> float | None:
+        """The round trip last reported."""
+        return self._rtt
 
     @property
     def judged_loss(self) -> float | None:
@@ -372,6 +374,10 @@ class BandwidthEstimator:
         if fraction <= 0 or self._remb is None:
             return None
         return fraction * self._remb
+
+    def _reset_pool(self) -> None:
+        self._pooled_lost, self._pooled_weight = 0.0, 0.0
+        self._pooled_lost_packets, self._pooled_expected = 0.0, 0
 
     def _delivered_until(self, end: float) -> float | None:
         """Delivered bits/s over the window ending at ``end``; None until half a window."""

@@ -99,14 +99,17 @@ def opus_duration_ms(data: bytes) -> float | None:
     return frame * count
 
 
+def ts_delta(ts: int, ref: int) -> int:
+    """``ts - ref`` across the 32-bit wrap (negative: an earlier, late packet)."""
+    delta = (ts - ref) % _WRAP
+    return delta - _WRAP if delta >= _WRAP // 2 else delta
+
+
 def append_ts(packets: list[tuple[float, int]], ts: int, arrival: float) -> None:
     """Append (arrival, RTP timestamp unwrapped past 2^32)."""
     if packets:
         last = packets[-1][1]
-        delta = (ts - last) % _WRAP
-        if delta >= _WRAP // 2:
-            delta -= _WRAP  # late / reordered packet
-        ts = last + delta
+        ts = last + ts_delta(ts, last)
     packets.append((arrival, ts))
 
 
@@ -190,10 +193,7 @@ def mix_phase(segment: MixSegment, t0: float, t1: float) -> tuple[int, int, floa
     ref = segment.packets[0][2]
     grid: dict[int, float] = {}  # frame index -> send time
     for _, sent, ts in segment.packets:
-        delta = (ts - ref) % _WRAP
-        if delta >= _WRAP // 2:
-            delta -= _WRAP
-        j = delta / ticks
+        j = ts_delta(ts, ref) / ticks
         if abs(j - round(j)) < 0.25:  # on the grid
             grid.setdefault(round(j), sent)
     if not grid:
@@ -228,9 +228,7 @@ def mix_timestamp_jumps(segment: MixSegment, slack_s: float = 0.5) -> list[tuple
     previous: tuple[float, int] | None = None
     for _, sent, ts in sorted(segment.packets, key=lambda p: p[1]):
         if previous is not None:
-            delta = (ts - previous[1]) % _WRAP
-            if delta >= _WRAP // 2:
-                delta -= _WRAP
+            delta = ts_delta(ts, previous[1])
             ahead = delta / 48_000 - (sent - previous[0])
             off_grid = abs(delta / ticks - round(delta / ticks)) >= 0.25
             if off_grid or abs(ahead) > slack_s:

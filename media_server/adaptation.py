@@ -79,18 +79,12 @@ RISE_LIMIT_ADD_BPS = 10_000
 SUSPECT_REMB_S = 2.0  # a REMB fall is followed if round trips show a queue this soon
 LOSS_SMOOTHING_PACKETS = 500  # a report block weighs (packets it covers) / this, up to 0.3
 HEAVY_LOSS_PACKETS = 20  # a block this big losing > 10 % (or such a judged loss): a queue overflows
-# the estimate on a new, shorter path (libwebrtc's start value)
-NEW_PATH_START_BPS = 300_000
-# a stream repeated this long: its reports are about copies only (see _copy_loss)
-REPEAT_SETTLE_S = 3.0
 # Start at the ceiling: a viewer is moved off the original only on evidence.
 # Rise below 5 % loss (not 2 %): satellite and EDGE links lose 2-3 % at random,
 # which would otherwise hold the estimate forever; overshooting a real queue
 # shows up as far more than the 10 % that cuts.
 # After a loss cut, a clean link climbs back to 70 % of its REMB at +50 %/s
 # (aiortc's per-stream REMB is a ceiling of 1.5x what it receives, not capacity).
-# A loss cut goes to what got through of what was sent a round trip earlier:
-# from satellite to EDGE, cuts by half the loss, an RTT apart, took 3.5 s.
 ESTIMATOR = EstimatorConfig(
     initial_bps=20_000_000,
     ceiling_bps=20_000_000,
@@ -98,7 +92,6 @@ ESTIMATOR = EstimatorConfig(
     remb_recovery_fraction=0.7,
     delivered_floor_share=0.9,
     judge_loss_packets=60,
-    loss_cut_share=1.0,
 )
 
 
@@ -246,10 +239,7 @@ class SubscriberAdaptation:
         self._idle_since: dict[int, float] = {}  # DownTrack -> since when it sends nothing
         self._stale: set[int] = set()  # DownTracks idle long enough: next report is an origin
         self._resumed_at: dict[int, float] = {}  # video DownTrack -> when it left "paused"
-        self._repeated: dict[int, float] = {}  # video DownTracks sent twice -> since when
-        self._cumulative_lost: dict[int, int] = {}  # DownTrack -> last report's packets lost
-        self._bytes_at_report: dict[int, int] = {}  # DownTrack -> its wire bytes at that report
-        self._receiver_counts_copies = False  # a repeated stream's receiver counts both
+        self._repeated: set[int] = set()  # video DownTracks whose packets are sent twice
 
     def __repr__(self) -> str:
         return f"SubscriberAdaptation({self.label})"
@@ -294,10 +284,10 @@ class SubscriberAdaptation:
             on_keyframe_request=downtrack.request_keyframe,
             on_remb=on_remb,
             nack_filter=nack_filter,
-            on_report=lambda rr: self._on_report(key, rr, downtrack.wire_bytes_forwarded),
+            on_report=lambda rr: self._on_report(key, rr),
         )
 
-    def _on_report(self, key: int, report: hooks.ReceiverReport, sent_bytes: int) -> None:
+    def _on_report(self, key: int, report: hooks.ReceiverReport) -> None:
         """Pass a report block on with the number of packets it covers.
 
         The receiver's extended highest sequence number advances by what it
@@ -309,11 +299,6 @@ class SubscriberAdaptation:
         """
         previous = self._highest_seq.get(key)
         self._highest_seq[key] = report.highest_sequence
-        # what the block's packets weigh: the bytes sent since the last block (one
-        # report interval, a round trip later; copies and repairs included)
-        bytes_before = self._bytes_at_report.get(key)
-        self._bytes_at_report[key] = sent_bytes
-        sent_weight = None if bytes_before is None else max(0, sent_bytes - bytes_before)
         if key in self._stale and report.highest_sequence != previous:
             self._stale.discard(key)
             previous = None
@@ -334,21 +319,16 @@ class SubscriberAdaptation:
             # aiortc's RTT is smoothed (0.85): after a link change it lags by seconds,
             # and a stale short RTT lets loss cuts compound (they are spaced by it)
             rtt = max(rtt, report.rtt_sample_s)
-        fraction_lost = self._copy_loss(key, report, expected, now)
-        self.estimator.on_receiver_report(fraction_lost, rtt, now, expected, sent_weight)
+        self.estimator.on_receiver_report(report.fraction_lost, rtt, now, expected)
         # a full drop-tail queue's round trip is flat too, but it loses what overflows
         heavy = ESTIMATOR.loss_decrease_above
         judged = self.estimator.judged_loss
         if (judged is not None and judged > heavy) or (
-            expected >= HEAVY_LOSS_PACKETS and fraction_lost > heavy
+            expected >= HEAVY_LOSS_PACKETS and report.fraction_lost > heavy
         ):
             self.queue_delay.heavy_loss(now)
         if not idle and report.rtt_sample_s is not None:
-            faster = self.queue_delay.faster_links
             self.queue_delay.add(report.rtt_sample_s, now)
-            if self.queue_delay.faster_links > faster:  # a shorter path: start again
-                self.estimator.on_new_path(NEW_PATH_START_BPS, now)
-                logger.info("%r: a shorter path, the estimate starts again", self)
             suspect = self._suspect_remb
             if suspect is not None and now - suspect[1] <= SUSPECT_REMB_S:
                 if self.queue_delay.confirms(now):  # the queue showed up after the REMB
@@ -357,34 +337,6 @@ class SubscriberAdaptation:
                     self.estimator.on_remb(suspect[0], now)
             else:
                 self._suspect_remb = None
-
-    def _copy_loss(
-        self, key: int, report: hooks.ReceiverReport, expected: int, now: float
-    ) -> float:
-        """The share of the copies sent that were lost (a stream sent once: its loss).
-
-        aiortc's receiver counts every copy of a repeated packet it gets as
-        received, so its reports show no loss until more than half the copies
-        are lost (60 % when 80 % are), and the cumulative loss it reports falls
-        between reports.  Then it received ``expected - (change in cumulative
-        loss)`` of ``copies x expected`` copies sent.  A receiver that counts one
-        copy per packet (the other on its RTX stream's statistics, libwebrtc)
-        reports the loss of the copies on this stream as it is.  For
-        :data:`REPEAT_SETTLE_S` after repeats start a report may still be
-        about packets sent once: taken as it is.
-        """
-        previous = self._cumulative_lost.get(key)
-        self._cumulative_lost[key] = report.packets_lost
-        since = self._repeated.get(key)
-        if since is None or previous is None or expected <= 0 or now - since < REPEAT_SETTLE_S:
-            return report.fraction_lost
-        received = expected - (report.packets_lost - previous)
-        if received > expected:
-            self._receiver_counts_copies = True
-        if not self._receiver_counts_copies:
-            return report.fraction_lost
-        copies = self.video_repeat.config.copies
-        return min(1.0, max(0.0, 1.0 - received / (copies * expected)))
 
     def _allow_retransmissions(
         self, resent: dict[int, float], lost: list[int], now: float
@@ -396,7 +348,8 @@ class SubscriberAdaptation:
         multiplies the load until only repairs flow.  The budget refills at
         RETRANSMIT_SHARE of the estimate (bytes/s, ~1 KB per packet).
         """
-        spacing = max(self.estimator.rtt_s or 0.2, 0.1)
+        snapshot_rtt = self.estimator.snapshot(now).rtt_s
+        spacing = max(snapshot_rtt or 0.2, 0.1)
         budget_rate = RETRANSMIT_SHARE * self.estimator.estimate_bps(now) / 8
         elapsed = now - self._rtx_refilled
         self._rtx_refilled = now
@@ -530,7 +483,7 @@ class SubscriberAdaptation:
         base_rtt = self.queue_delay.recent_floor_s(now)
         copies = self.video_repeat.decide(
             self._loss,
-            base_rtt if base_rtt is not None else self.estimator.rtt_s,
+            base_rtt if base_rtt is not None else self.estimator.snapshot(now).rtt_s,
             estimate - audio_reserve,
             min(rungs, default=None),
         )
@@ -543,7 +496,7 @@ class SubscriberAdaptation:
             choice = choices.get(candidate.track_id)
             if choice is not None:
                 await self._apply(slot, choice)
-                self._repeat(slot, copies if choice.layer not in (ORIGINAL, PAUSED) else 1, now)
+                self._repeat(slot, copies if choice.layer not in (ORIGINAL, PAUSED) else 1)
 
     def _rise_limit(self, now: float, video_flowing: bool) -> float | None:
         """On a lossy long-RTT link, no rise past 1.5x what was delivered + 10 kbit/s.
@@ -560,15 +513,15 @@ class SubscriberAdaptation:
         delivered = self.estimator.delivered_bps(now)
         return None if delivered is None else RISE_LIMIT_FACTOR * delivered + RISE_LIMIT_ADD_BPS
 
-    def _repeat(self, slot: Slot, copies: int, now: float) -> None:
+    def _repeat(self, slot: Slot, copies: int) -> None:
         """Send every packet of ``slot`` ``copies`` times from now on."""
         key = id(slot.downtrack)
         if copies > 1:
-            self._repeated.setdefault(key, now)
+            self._repeated.add(key)
         elif key not in self._repeated:
             return
         else:
-            del self._repeated[key]
+            self._repeated.discard(key)
         sender = getattr(slot.transceiver, "sender", None)
         if sender is not None:
             hooks.repeat_packets(sender, copies, on_copy=slot.downtrack.count_repeat)

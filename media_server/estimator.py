@@ -34,17 +34,9 @@ and held with hysteresis, down fast and up slowly:
   random loss a third of all 20-packet pools lose one packet (5 %), which
   would hold the estimate most of the time.
 * **loss > 10 %** — congestion: the estimate is cut to
-  ``min(estimate, sent) x (1 - loss_cut_share x loss)``, where *sent* is the
-  delivered rate over the second that ended one round trip ago: a report is
-  about packets received in about the last second, sent a round trip before it
-  reached us.  The delivered rate is used because the allocator may be sending
-  far less than the estimate (rungs are coarse): the link is known to be
-  smaller than what we actually sent.  A report about packets sent before the
-  last cut does not compound with it (the cut answered that loss): it cuts only
-  if ``sent x (1 - share x loss)`` is lower still.  ``loss_cut_share`` is 0.5
-  by default (libwebrtc's loss-based controller); at 1.0 the cut goes to what
-  got through, a drop-tail link's capacity: one cut instead of several, each
-  an RTT apart, when a link falls to a fraction of what it carried.
+  ``min(estimate, delivered rate) x (1 - 0.5 x loss)``.  The delivered rate is
+  used because the allocator may be sending far less than the estimate (rungs
+  are coarse): the link is known to be smaller than what we actually sent.
   Cuts are spaced by at least ``300 ms + RTT`` (libwebrtc's
   ``kBweDecreaseInterval``) so the several report blocks of one RTCP compound,
   or two reports about the same burst, do not compound into a collapse.  The
@@ -96,8 +88,6 @@ class EstimatorConfig:
     loss_increase_below: float = LOSS_INCREASE_BELOW
     loss_decrease_above: float = LOSS_DECREASE_ABOVE
     decrease_interval_s: float = 0.3  # + RTT between two loss cuts
-    loss_cut_share: float = 0.5  # a loss cut multiplies by (1 - this x loss)
-    report_lookback_max_s: float = 3.0  # a report is about what was sent at most this long ago
     delivered_window_s: float = 1.0
     # After a loss cut on a link that is clean again, climb quickly back to this share
     # of the REMB (the receiver's delay-based estimate, capped by what it receives).
@@ -120,10 +110,6 @@ class EstimatorConfig:
             raise ValueError("need 0 <= loss_increase_below <= loss_decrease_above <= 1")
         if self.delivered_window_s <= 0 or self.decrease_interval_s < 0:
             raise ValueError("delivered_window_s must be > 0 and decrease_interval_s >= 0")
-        if not 0 < self.loss_cut_share <= 1:
-            raise ValueError("loss_cut_share must be in (0, 1]")
-        if self.report_lookback_max_s < 0:
-            raise ValueError("report_lookback_max_s must be >= 0")
         if self.remb_max_age_s <= 0:
             raise ValueError("remb_max_age_s must be > 0")
         if not 1 <= self.min_loss_packets <= self.judge_loss_packets:
@@ -155,15 +141,13 @@ class BandwidthEstimator:
         self._rtt: float | None = None
         self._good_since: float | None = None  # first of an unbroken run of reports < 2 %
         self._last_time: float | None = None  # last time the estimate was advanced
-        self._last_cut: float | None = None  # last loss cut
-        self._decreased_at: float | None = None  # last decrease, by loss or REMB
+        self._last_cut: float | None = None
         self._last_change = "hold"
-        # (time, bytes) for the last delivered_window_s + report_lookback_max_s
         self._delivered: deque[tuple[float, int]] = deque()
+        self._delivered_bytes = 0
         self._first_delivery: float | None = None
-        # report blocks not yet judged (see min_loss_packets): lost and total weight
-        # (bytes), lost and total packets
-        self._reset_pool()
+        self._pooled_lost = 0.0  # report blocks not yet judged (see min_loss_packets)
+        self._pooled_expected = 0
         self._pool_started = 0.0
         # set by the caller: no rise past this (None: no such limit); see adaptation.py
         self.rise_limit_bps: float | None = None
@@ -180,26 +164,16 @@ class BandwidthEstimator:
         self._remb_at = now
         if self._remb < self._estimate:
             self._set(max(float(self.config.floor_bps), float(self._remb)), "decrease")
-            self._decreased_at = now
             self._last_cut_by = "remb"
 
     def on_receiver_report(
-        self,
-        fraction_lost: float,
-        rtt_s: float | None,
-        now: float,
-        expected: int | None = None,
-        weight: float | None = None,
+        self, fraction_lost: float, rtt_s: float | None, now: float, expected: int | None = None
     ) -> None:
         """One report block: ``fraction_lost`` in 0..1 since the previous report.
 
         ``expected``: how many packets the block covers.  Blocks that say are
         pooled until they cover ``min_loss_packets``; a block without it is
-        judged on its own.  ``weight``: what those packets weigh (their bytes
-        sent); the pooled loss is then the share of the weight lost (default:
-        of the packets).  A full drop-tail queue in bytes drops a big video
-        packet where a small audio one still fits: by packets, 30 pooled
-        audio packets hide that most of the bytes were lost.
+        judged on its own.
         """
         self._advance(now)
         if rtt_s is not None and rtt_s >= 0:
@@ -210,35 +184,32 @@ class BandwidthEstimator:
                 return
             if self._pooled_expected == 0:
                 self._pool_started = now
-            w = float(expected) if weight is None else max(0.0, float(weight))
-            self._pooled_lost += loss * w
-            self._pooled_weight += w
-            self._pooled_lost_packets += loss * expected
+            self._pooled_lost += loss * expected
             self._pooled_expected += expected
             if self._pooled_expected < self.config.min_loss_packets:
                 return
-            if self._pooled_weight > 0:
-                loss = min(1.0, self._pooled_lost / self._pooled_weight)
-            else:  # nothing weighed (no bytes counted): by packets
-                loss = min(1.0, self._pooled_lost_packets / self._pooled_expected)
+            loss = min(1.0, self._pooled_lost / self._pooled_expected)
             if (
                 loss <= self.config.loss_decrease_above
                 and self._pooled_expected < self.config.judge_loss_packets
                 and now - self._pool_started < self.config.judge_after_s
             ):
                 return  # not heavy: pool on for a steadier figure
-            self._reset_pool()
+            self._pooled_lost, self._pooled_expected = 0.0, 0
         self._loss = loss
         cfg = self.config
         if loss > cfg.loss_decrease_above:
             self._good_since = None
             interval = cfg.decrease_interval_s + (self._rtt or 0.0)
             if self._last_cut is None or now - self._last_cut >= interval:
-                target = self._loss_cut_target(loss, now)
-                if target < self._estimate:  # a judgement that cut nothing spaces nothing
-                    self._last_cut = now
+                self._last_cut = now
+                base = self._estimate
+                delivered = self.delivered_bps(now)
+                if delivered is not None:
+                    base = min(base, float(delivered))
+                target = max(float(cfg.floor_bps), base * (1.0 - 0.5 * loss))
+                if target < self._estimate:
                     self._set(target, "decrease")
-                    self._decreased_at = now
                     self._last_cut_by = f"loss {loss:.2f}"
         elif loss >= cfg.loss_increase_below:
             self._good_since = None
@@ -248,22 +219,6 @@ class BandwidthEstimator:
                 self._good_since = now
             self._raise_to_delivered(now)
 
-    def on_new_path(self, start_bps: int, now: float) -> None:
-        """The subscriber's path changed: start again from ``start_bps``, never lower.
-
-        What was learnt (a cut to EDGE's 40 kbit/s, a REMB about the old
-        path) is about a link that is gone; libwebrtc resets its estimate to
-        its start value on a network route change.  From the 40 kbit/s floor
-        the slow rise took 8-15 s to afford the lowest video rung again.  The
-        loss and REMB rules correct a start value the new path cannot carry.
-        """
-        self._advance(now)
-        if start_bps > self._estimate:
-            self._set(min(float(start_bps), float(self.config.ceiling_bps)), "increase")
-        self._remb = None  # about the old path: no cap on the rise
-        self._reset_pool()
-        self._good_since = now
-
     def on_delivered(self, nbytes: int, now: float) -> None:
         """Bytes handed to the subscriber's transport at ``now``."""
         if nbytes <= 0:
@@ -271,6 +226,7 @@ class BandwidthEstimator:
         if self._first_delivery is None:
             self._first_delivery = now
         self._delivered.append((now, nbytes))
+        self._delivered_bytes += nbytes
         self._expire(now)
 
     # -- outputs ------------------------------------------------------------
@@ -279,11 +235,6 @@ class BandwidthEstimator:
         """The estimate at ``now`` (advances the slow increase, if allowed)."""
         self._advance(now)
         return int(self._estimate)
-
-    @property
-    def rtt_s(self) -> float | None:
-        """The round trip last reported."""
-        return self._rtt
 
     @property
     def judged_loss(self) -> float | None:
@@ -295,8 +246,11 @@ class BandwidthEstimator:
         if self._first_delivery is None:
             return None
         self._expire(now)
-        sent = self._delivered_until(now)
-        return None if sent is None else int(sent)
+        window = self.config.delivered_window_s
+        span = min(window, now - self._first_delivery)
+        if span < window / 2:
+            return None
+        return int(8 * self._delivered_bytes / span)
 
     def snapshot(self, now: float) -> EstimateSnapshot:
         estimate = self.estimate_bps(now)
@@ -375,37 +329,7 @@ class BandwidthEstimator:
             return None
         return fraction * self._remb
 
-    def _reset_pool(self) -> None:
-        self._pooled_lost, self._pooled_weight = 0.0, 0.0
-        self._pooled_lost_packets, self._pooled_expected = 0.0, 0
-
-    def _delivered_until(self, end: float) -> float | None:
-        """Delivered bits/s over the window ending at ``end``; None until half a window."""
-        if self._first_delivery is None:
-            return None
-        window = self.config.delivered_window_s
-        span = min(window, end - self._first_delivery)
-        if span < window / 2:
-            return None
-        start, end = end - window, end + 1e-6  # times summed from steps meet ``end``
-        return 8 * sum(n for t, n in self._delivered if start < t <= end) / span
-
-    def _loss_cut_target(self, loss: float, now: float) -> float:
-        """Where a loss cut goes: what got through of what the report is about."""
-        cfg = self.config
-        sent_until = now - min(self._rtt or 0.0, cfg.report_lookback_max_s)
-        sent = self._delivered_until(sent_until)
-        sent_from = sent_until - cfg.delivered_window_s
-        if sent is None:
-            base = self._estimate
-        elif self._decreased_at is not None and self._decreased_at > sent_from:
-            base = sent  # sent (partly) before the last decrease: that answered it
-        else:
-            base = min(self._estimate, sent)
-        return max(float(cfg.floor_bps), base * (1.0 - cfg.loss_cut_share * loss))
-
     def _expire(self, now: float) -> None:
-        cfg = self.config
-        horizon = now - cfg.delivered_window_s - cfg.report_lookback_max_s
+        horizon = now - self.config.delivered_window_s
         while self._delivered and self._delivered[0][0] <= horizon:
-            self._delivered.popleft()
+            self._delivered_bytes -= self._delivered.popleft()[1]

@@ -35,18 +35,16 @@ def test_remb_drop_is_followed_immediately_and_a_rise_is_not() -> None:
 
 def test_loss_of_20_percent_cuts_within_one_second() -> None:
     est = BandwidthEstimator(EstimatorConfig(initial_bps=1_000_000))
-    deliver(est, 800_000, 0.0, 3.5)
+    deliver(est, 800_000, 0.0, 3.0)
     est.on_receiver_report(0.0, 0.1, 1.5)
     assert est.estimate_bps(2.0) == 1_000_000
     # 20 % loss reported from t=2.0 on, every 0.5 s
     est.on_receiver_report(0.2, 0.1, 2.0)
     after = est.estimate_bps(2.0)
     assert after <= 800_000 * 0.9 * 1.02  # cut from the delivered rate, at once
-    est.on_receiver_report(0.2, 0.1, 2.5)  # about packets sent before that cut
-    assert est.estimate_bps(2.5) == after
-    est.on_receiver_report(0.2, 0.1, 3.2)  # about packets sent after it
-    assert est.estimate_bps(3.2) < after  # keeps cutting while the loss lasts
-    assert est.snapshot(3.2).state == "decrease"
+    est.on_receiver_report(0.2, 0.1, 2.5)
+    assert est.estimate_bps(2.5) < after  # keeps cutting while the loss lasts
+    assert est.snapshot(2.5).state == "decrease"
 
 
 def test_report_blocks_of_one_compound_cut_once() -> None:
@@ -65,63 +63,6 @@ def test_cut_uses_the_delivered_rate_when_below_the_estimate() -> None:
     deliver(est, 300_000, 0.0, 2.05)  # the last chunk at 2.0
     est.on_receiver_report(0.2, None, 2.0)
     assert est.estimate_bps(2.0) == pytest.approx(300_000 * 0.9, rel=0.05)
-
-
-def test_a_full_loss_cut_share_cuts_to_what_got_through() -> None:
-    """A link that fell to a fifth of what it carried: one cut to that fifth."""
-    est = BandwidthEstimator(EstimatorConfig(initial_bps=5_000_000, loss_cut_share=1.0))
-    deliver(est, 300_000, 0.0, 2.05)
-    est.on_receiver_report(0.8, 0.7, 2.0)
-    assert est.estimate_bps(2.0) == pytest.approx(300_000 * 0.2, rel=0.05)
-    assert est.snapshot(2.0).last_cut == "loss 0.80"
-
-
-def test_a_loss_report_is_about_what_was_sent_one_round_trip_earlier() -> None:
-    """A cut sent less; a report about the second before it does not cut what is sent now."""
-    est = BandwidthEstimator(EstimatorConfig(initial_bps=5_000_000, loss_cut_share=1.0))
-    deliver(est, 900_000, 0.0, 3.0)
-    deliver(est, 100_000, 3.0, 4.05)  # the allocator answered a REMB fall at 3.0
-    est.on_remb(300_000, 3.0)
-    # 12 % loss of what was sent up to one round trip (1 s) ago: 900 kbit/s
-    est.on_receiver_report(0.12, 1.0, 4.0)
-    assert est.estimate_bps(4.0) == 300_000  # not 100 kbit/s x 0.88
-    assert est.snapshot(4.0).last_cut == "remb"
-    # the same loss of what was sent at 100 kbit/s, after the cut: that is cut
-    deliver(est, 100_000, 4.05, 6.05)
-    est.on_receiver_report(0.12, 1.0, 6.02)
-    assert est.estimate_bps(6.02) == pytest.approx(100_000 * 0.88, rel=0.02)
-
-
-def test_a_loss_report_that_cuts_nothing_does_not_delay_the_next_cut() -> None:
-    """lan -> 3g: a REMB cut to 1.8 Mbit/s, then 15 % of 2.9 Mbit/s, then 85 % of it."""
-    est = BandwidthEstimator(EstimatorConfig(initial_bps=20_000_000, loss_cut_share=1.0))
-    deliver(est, 2_900_000, 0.0, 3.05)
-    est.on_remb(1_800_000, 2.0)
-    est.on_receiver_report(0.15, 0.5, 2.5)  # 2.9 x 0.85 > 1.8: no cut
-    assert est.estimate_bps(2.5) == 1_800_000
-    est.on_receiver_report(0.85, 0.5, 3.02)  # within 300 ms + RTT of the last report
-    assert est.estimate_bps(3.02) == pytest.approx(2_900_000 * 0.15, rel=0.02)
-
-
-def test_pooled_loss_is_the_share_of_the_weight_lost() -> None:
-    """EDGE: the full queue drops big video packets; small audio packets still fit."""
-    est = BandwidthEstimator(EstimatorConfig(initial_bps=1_000_000, judge_loss_packets=60))
-    est.on_receiver_report(0.04, 0.7, 1.0, expected=50, weight=50 * 100)  # audio
-    est.on_receiver_report(0.8, 0.7, 1.0, expected=15, weight=15 * 1200)  # video
-    assert est.judged_loss == pytest.approx((0.04 * 5_000 + 0.8 * 18_000) / 23_000)
-    assert est.estimate_bps(1.0) < 1_000_000
-
-
-def test_blocks_that_weigh_nothing_are_judged_by_packets() -> None:
-    est = BandwidthEstimator(EstimatorConfig(initial_bps=1_000_000))
-    est.on_receiver_report(0.3, 0.1, 1.0, expected=30, weight=0)
-    assert est.judged_loss == pytest.approx(0.3)
-
-
-def test_loss_cut_share_must_be_a_share() -> None:
-    for share in (0.0, 1.5):
-        with pytest.raises(ValueError):
-            EstimatorConfig(loss_cut_share=share)
 
 
 def test_recovery_waits_two_seconds_then_climbs_at_most_8_percent_a_second() -> None:
@@ -296,15 +237,3 @@ def test_a_rise_limit_stops_the_rise_without_cutting() -> None:
     assert est.estimate_bps(10.0) == 210_000
     est.rise_limit_bps = 100_000
     assert est.estimate_bps(10.5) == 210_000  # a limit on the rise, not a cut
-
-
-def test_a_new_path_starts_again_from_the_start_value() -> None:
-    est = BandwidthEstimator(EstimatorConfig(initial_bps=1_000_000))
-    est.on_remb(50_000, 1.0)  # EDGE
-    assert est.estimate_bps(1.0) == 50_000
-    est.on_new_path(300_000, 2.0)
-    assert est.estimate_bps(2.0) == 300_000
-    est.on_receiver_report(0.0, 0.002, 4.5)
-    assert est.estimate_bps(5.0) > 300_000  # the old REMB no longer caps the rise
-    est.on_new_path(100_000, 6.0)  # never lower
-    assert est.estimate_bps(6.0) > 300_000

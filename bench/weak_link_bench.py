@@ -67,7 +67,7 @@ run / run length, as % of one core.
 
 ``--trace FILE`` writes, every 0.5 s and per mode, the weak viewer's layers,
 estimate (with what made the last cut), round trips as the queue judge sees
-them (floor, newest sample, new and shorter paths), video copies, frames, the
+them (floor, newest sample, new links), video copies, frames, the
 emulated link's backlog and the audio mixer's skips to ``FILE.<mode>.jsonl``.
 
     python -m bench.weak_link_bench --phase-seconds 60

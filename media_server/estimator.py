@@ -42,10 +42,10 @@ and held with hysteresis, down fast and up slowly:
   or two reports about the same burst, do not compound into a collapse.  The
   first report with heavy loss acts immediately.
 * **2 % <= loss <= 10 %** — hold: nothing changes, and the "good" clock restarts.
-* **loss < 2 %** — the estimate is at least ``delivered_floor_share`` of the
-  delivered rate (what the link just carried cleanly; off by default), and
-  once every report for the last ``increase_after_s`` (2 s)
-  has been below 2 %, the estimate may rise, by at most 8 % per second
+* **loss < 2 %** — once every report for the last ``increase_after_s`` (2 s)
+  has been below 2 %, the estimate is at least ``delivered_floor_share`` of
+  the delivered rate (what the link just carried cleanly; off by default),
+  and it may rise, by at most 8 % per second
   (compounded over the elapsed time), and never above the last REMB.  A REMB
   older than ``remb_max_age_s`` (5 s) no longer caps the rise: aiortc
   receivers send REMB per video stream, so a paused video's REMB stops, and
@@ -314,14 +314,26 @@ class BandwidthEstimator:
         the subscriber is receiving cleanly again (its audio, say); climbing from
         there at 8 %/s would take half a minute.  Never above the REMB's cap: a
         REMB below the delivered rate is a receiver seeing a queue.
+
+        Only once every report for ``increase_after_s`` was clean, as for any
+        rise: "delivered" is what we handed to the transport, not what got
+        through.  One clean report amid lossy ones (a pool of small audio
+        packets that a full queue let through, a report about the time before
+        an overload) lifted a satellite viewer's estimate to 0.9x the 1.8 Mbit/s
+        being pushed into its 300 kbit/s link.
         """
         share = self.config.delivered_floor_share
         delivered = self.delivered_bps(now)
-        if share <= 0 or delivered is None:
+        if share <= 0 or delivered is None or not self._clean_long_enough(now):
             return
         target = min(self._cap(now), share * delivered)
         if target > self._estimate:
             self._set(target, "increase")
+
+    def _clean_long_enough(self, now: float) -> bool:
+        """Every report for the last ``increase_after_s`` was below the rise threshold."""
+        good = self._good_since
+        return good is not None and now - good >= self.config.increase_after_s
 
     def _remb_recovery_target(self) -> float | None:
         fraction = self.config.remb_recovery_fraction

@@ -68,7 +68,8 @@ async def test_satellite_viewer_gets_lower_rungs_and_audio_while_others_keep_ori
             f"{media['subscribers']['weak']}; {media['ladders']}"
         )
         assert all(v != "original" for v in media["layers"]["weak"].values()), (
-            f"weak viewer went back to an original on satellite: {media['layers']}"
+            f"weak viewer went back to an original on satellite: {media['layers']}; "
+            f"{media['subscribers']['weak']}"
         )
         # measure a window once converged
         audio0 = {p.id: weak.stats.frames_from(p.id, "audio") for p in publishers}

@@ -187,28 +187,51 @@ def test_a_report_covering_no_packets_only_updates_rtt() -> None:
     assert est.snapshot(1.0).rtt_s == pytest.approx(0.7)
 
 
-def test_a_clean_report_lifts_a_deep_cut_to_what_is_delivered() -> None:
-    est = BandwidthEstimator(EstimatorConfig(initial_bps=60_000, delivered_floor_share=0.9))
-    deliver(est, 300_000, 0.0, 2.0)  # the link carries 300 kbit/s of audio cleanly
-    delivered = est.delivered_bps(2.0)
+def carry(
+    est: BandwidthEstimator, bps: int, start: float, end: float, losses: dict[float, float]
+) -> None:
+    """Deliver ``bps`` in 100 ms chunks; at each time in ``losses``, a 100-packet report."""
+    for t in frange(start, end, 0.1):
+        est.on_delivered(bps // 80, t)
+        for at, loss in losses.items():
+            if abs(at - t) < 1e-6:
+                est.on_receiver_report(loss, 0.6, t, expected=100)
+
+
+def clean_every_half_second(start: float, end: float) -> dict[float, float]:
+    return {t: 0.0 for t in frange(start, end, 0.5)}
+
+
+def test_clean_reports_lift_a_deep_cut_to_what_is_delivered() -> None:
+    est = BandwidthEstimator(
+        EstimatorConfig(initial_bps=60_000, delivered_floor_share=0.9, increase_per_s=0.0)
+    )
+    # the link carries 300 kbit/s of audio cleanly; clean since 0.5 s, 2.5 s by the last report
+    carry(est, 300_000, 0.0, 3.0, clean_every_half_second(0.5, 3.0))
+    delivered = est.delivered_bps(3.0)
     assert delivered is not None and delivered > 250_000
-    est.on_receiver_report(0.0, 0.05, 2.0, expected=100)
-    assert est.estimate_bps(2.0) == pytest.approx(0.9 * delivered, rel=0.01)
+    assert est.estimate_bps(3.0) == pytest.approx(0.9 * delivered, rel=0.01)
+
+
+def test_one_clean_report_amid_lossy_ones_does_not_lift_to_what_is_delivered() -> None:
+    """What we hand the transport is not what got through: 1.8 Mbit/s into 300 kbit/s."""
+    est = BandwidthEstimator(EstimatorConfig(initial_bps=300_000, delivered_floor_share=0.9))
+    # the clean ones: pools of audio that a full queue let through
+    carry(est, 1_800_000, 0.0, 3.0, {2.0: 0.6, 2.5: 0.0, 3.0: 0.0})
+    assert est.estimate_bps(3.0) < 300_000
 
 
 def test_the_delivered_floor_respects_a_lower_remb() -> None:
     est = BandwidthEstimator(EstimatorConfig(initial_bps=60_000, delivered_floor_share=0.9))
-    deliver(est, 300_000, 0.0, 2.0)
-    est.on_remb(100_000, 1.9)
-    est.on_receiver_report(0.0, 0.05, 2.0, expected=100)
-    assert est.estimate_bps(2.0) <= 100_000
+    est.on_remb(100_000, 0.0)
+    carry(est, 300_000, 0.0, 3.0, clean_every_half_second(0.5, 3.0))
+    assert est.estimate_bps(3.0) <= 100_000
 
 
 def test_the_delivered_floor_is_off_by_default() -> None:
-    est = BandwidthEstimator(EstimatorConfig(initial_bps=60_000))
-    deliver(est, 300_000, 0.0, 2.0)
-    est.on_receiver_report(0.0, 0.05, 2.0, expected=100)
-    assert est.estimate_bps(2.0) == 60_000
+    est = BandwidthEstimator(EstimatorConfig(initial_bps=60_000, increase_per_s=0.0))
+    carry(est, 300_000, 0.0, 3.0, clean_every_half_second(0.5, 3.0))
+    assert est.estimate_bps(3.0) == 60_000
 
 
 def test_moderate_loss_pools_on_to_judge_loss_packets_or_judge_after_s() -> None:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -46,7 +47,7 @@ from .audiomode import MIX_LAYERS, AudioListener, AudioMode
 from .downtrack import DownTrack
 from .estimator import BandwidthEstimator, EstimatorConfig
 from .forwarder import Forwarder, TrackInfo
-from .ladder import DEFAULT_RUNGS, Ladder, Rung, usable_rungs
+from .ladder import DEFAULT_RUNGS, RUNG_MAX_FRACTION, Ladder, Rung, usable_rungs
 from .packet import wire_bps
 from .queuedelay import QueueDelay
 from .repeat import VideoRepeat
@@ -124,11 +125,25 @@ class LadderPool:
         self._sources: dict[tuple[str, str], RungSource] = {}
         self._feeding: set[str] = set()
 
-    def rungs_for(self, forwarder: Forwarder, original_bps: int) -> tuple[Rung, ...]:
+    def rungs_for(
+        self, forwarder: Forwarder, original_bps: int, keep: str | None = None
+    ) -> tuple[Rung, ...]:
+        """The rungs worth offering below ``forwarder``'s original at ``original_bps``.
+
+        ``keep``: a rung the viewer is on, offered while it is no larger than
+        the original even if the original's measured rate dipped (between two
+        keyframes) below what it takes to offer it afresh.
+        """
         size = forwarder.frame_size
         if size is None:
             return ()
-        return usable_rungs(size[0], size[1], original_bps, self._rungs)
+        width, height = size
+        usable = usable_rungs(width, height, original_bps, self._rungs)
+        return tuple(
+            r
+            for r in self._rungs
+            if r in usable or (r.name == keep and r.width * r.height <= width * height)
+        )
 
     def acquire(self, forwarder: Forwarder, rung: str) -> RungSource:
         track_id = forwarder.info.id
@@ -473,7 +488,8 @@ class SubscriberAdaptation:
                 rate = self._measure(slot.forwarder, now)
                 originals.append(AUDIO_BPS if rate is None else max(AUDIO_MIN_BPS, int(rate)))
                 continue
-            videos.append((slot, self._candidate(slot.forwarder, now, speaker)))
+            current = self.layers.get(slot.info.id)
+            videos.append((slot, self._candidate(slot.forwarder, now, speaker, current)))
         audio_reserve = await self._audio(estimate, originals, slots)
         self._audio_reserve = audio_reserve
         mixing = self.audio_mode is not None and self.audio_mode.mixing
@@ -557,14 +573,22 @@ class SubscriberAdaptation:
         return self._original_bps.get(track_id)
 
     def _candidate(
-        self, forwarder: Forwarder, now: float, speaker: str | None = None
+        self,
+        forwarder: Forwarder,
+        now: float,
+        speaker: str | None = None,
+        current: str | None = None,
     ) -> VideoCandidate:
         original = int(max(self._measure(forwarder, now) or 0.0, MIN_ORIGINAL_BPS))
-        layers = [Layer(ORIGINAL, original)]
-        layers += [
+        rungs = [
             Layer(r.name, wire_bps(r.bitrate, r.fps))
-            for r in self.pool.rungs_for(forwarder, original)
+            for r in self.pool.rungs_for(forwarder, original, keep=current)
         ]
+        # The original costs more than any rung offered below it: between two keyframes
+        # its measured rate dips, and a satellite viewer whose rung was dearer than that
+        # dip was "downgraded" to the original (CI, 2026-12-02).
+        dearest = max((layer.bitrate for layer in rungs), default=0)
+        layers = [Layer(ORIGINAL, max(original, math.ceil(dearest / RUNG_MAX_FRACTION))), *rungs]
         info = forwarder.info
         if info.source == "screen":
             priority = PRIORITY_SCREEN

@@ -117,12 +117,15 @@ DEFAULT_RUNGS: tuple[Rung, ...] = (
 )
 
 
+RUNG_MAX_FRACTION = 0.8  # a rung is offered when it costs at most this share of the original
+
+
 def usable_rungs(
     width: int,
     height: int,
     original_bps: int,
     rungs: Sequence[Rung] = DEFAULT_RUNGS,
-    max_fraction: float = 0.8,
+    max_fraction: float = RUNG_MAX_FRACTION,
 ) -> tuple[Rung, ...]:
     """Rungs worth offering below an original: cheaper by 20 % and not larger."""
     return tuple(

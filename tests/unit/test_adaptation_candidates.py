@@ -1,0 +1,51 @@
+"""The layers a viewer is offered for one video: the original costs more than its rungs."""
+
+from __future__ import annotations
+
+from aiortc import VideoStreamTrack
+
+from media_server.adaptation import LadderPool, SubscriberAdaptation
+from media_server.allocator import ORIGINAL, VideoCandidate
+from media_server.forwarder import Forwarder, TrackInfo
+
+
+def camera() -> Forwarder:
+    info = TrackInfo("pub:camera", "pub", "video", "camera")
+    forwarder = Forwarder(info, VideoStreamTrack(), None)
+    forwarder.frame_size = (640, 360)
+    return forwarder
+
+
+def costs(candidate: VideoCandidate) -> dict[str, int]:
+    return {layer.name: layer.bitrate for layer in candidate.layers}
+
+
+def measured(adaptation: SubscriberAdaptation, forwarder: Forwarder, kbps: list[int]) -> None:
+    """The original sends ``kbps`` in successive seconds (measured at each)."""
+    for second, rate in enumerate(kbps, start=1):
+        forwarder.wire_bytes += rate * 1000 // 8
+        adaptation._candidate(forwarder, float(second))
+
+
+def test_a_dip_in_the_originals_rate_keeps_the_viewers_rung_and_the_original_dearer() -> None:
+    adaptation = SubscriberAdaptation("viewer", LadderPool(), None)
+    forwarder = camera()
+    adaptation._candidate(forwarder, 0.0)
+    measured(adaptation, forwarder, [560])
+    assert "360p" in costs(adaptation._candidate(forwarder, 1.0))
+    # between two keyframes: 0.7 x 560 + 0.3 x 320 = 488 kbit/s, and 360p needs 500
+    measured(adaptation, forwarder, [320])
+    afresh = costs(adaptation._candidate(forwarder, 2.0))
+    assert "360p" not in afresh and "288p" in afresh
+    on_it = costs(adaptation._candidate(forwarder, 2.0, current="360p"))
+    assert "360p" in on_it
+    # the viewer on 360p must not be "downgraded" to a cheaper-looking original
+    assert on_it[ORIGINAL] > max(cost for name, cost in on_it.items() if name != ORIGINAL)
+
+
+def test_a_rung_larger_than_the_original_is_never_kept() -> None:
+    adaptation = SubscriberAdaptation("viewer", LadderPool(), None)
+    forwarder = camera()
+    adaptation._candidate(forwarder, 0.0)
+    measured(adaptation, forwarder, [2000])
+    assert "432p" not in costs(adaptation._candidate(forwarder, 1.0, current="432p"))

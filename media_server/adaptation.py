@@ -200,13 +200,28 @@ class LadderPool:
 LayerListener = Callable[[TrackInfo, str | None, Choice], Awaitable[None]]
 
 
-def _rungs_times(candidate: VideoCandidate, copies: int) -> VideoCandidate:
-    """``candidate`` with every rung costing ``copies`` times its rate (originals once)."""
-    layers = tuple(
-        layer if layer.name == ORIGINAL else Layer(layer.name, layer.bitrate * copies)
+def priced(candidate: VideoCandidate, copies: int) -> VideoCandidate:
+    """``candidate`` with every rung costing ``copies`` times its rate, the original dearest.
+
+    The original is sent once and ranks above all its rungs whatever it measures:
+    a rung is offered because the original was measured dearer, and between two
+    keyframes its measured rate dips; and a rung sent twice on a lossy long-RTT
+    link can cost more than the original sent once, which would freeze there.
+    Either way a satellite viewer on 360p was "downgraded" to the original.
+    """
+    rungs = [
+        Layer(layer.name, layer.bitrate * copies)
         for layer in candidate.layers
+        if layer.name != ORIGINAL
+    ]
+    dearest = max((layer.bitrate for layer in rungs), default=0)
+    floor = math.ceil(dearest / RUNG_MAX_FRACTION)
+    layers = tuple(
+        Layer(ORIGINAL, max(layer.bitrate, floor))
+        for layer in candidate.layers
+        if layer.name == ORIGINAL
     )
-    return VideoCandidate(candidate.track_id, candidate.priority, layers)
+    return VideoCandidate(candidate.track_id, candidate.priority, (*layers, *rungs))
 
 
 class SubscriberAdaptation:
@@ -503,8 +518,7 @@ class SubscriberAdaptation:
             estimate - audio_reserve,
             min(rungs, default=None),
         )
-        if copies > 1:  # each rung costs its copies
-            videos = [(slot, _rungs_times(c, copies)) for slot, c in videos]
+        videos = [(slot, priced(c, copies)) for slot, c in videos]
         choices = self.allocator.allocate(
             estimate, [c for _, c in videos], audio_reserve, 1, cautious=mixing
         )
@@ -580,15 +594,11 @@ class SubscriberAdaptation:
         current: str | None = None,
     ) -> VideoCandidate:
         original = int(max(self._measure(forwarder, now) or 0.0, MIN_ORIGINAL_BPS))
-        rungs = [
+        layers = [Layer(ORIGINAL, original)]
+        layers += [
             Layer(r.name, wire_bps(r.bitrate, r.fps))
             for r in self.pool.rungs_for(forwarder, original, keep=current)
         ]
-        # The original costs more than any rung offered below it: between two keyframes
-        # its measured rate dips, and a satellite viewer whose rung was dearer than that
-        # dip was "downgraded" to the original (CI, 2026-12-02).
-        dearest = max((layer.bitrate for layer in rungs), default=0)
-        layers = [Layer(ORIGINAL, max(original, math.ceil(dearest / RUNG_MAX_FRACTION))), *rungs]
         info = forwarder.info
         if info.source == "screen":
             priority = PRIORITY_SCREEN

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from aiortc import VideoStreamTrack
 
-from media_server.adaptation import LadderPool, SubscriberAdaptation
-from media_server.allocator import ORIGINAL, VideoCandidate
+from media_server.adaptation import LadderPool, SubscriberAdaptation, priced
+from media_server.allocator import ORIGINAL, Allocator, Layer, VideoCandidate
 from media_server.forwarder import Forwarder, TrackInfo
 
 
@@ -37,7 +37,7 @@ def test_a_dip_in_the_originals_rate_keeps_the_viewers_rung_and_the_original_dea
     measured(adaptation, forwarder, [320])
     afresh = costs(adaptation._candidate(forwarder, 2.0))
     assert "360p" not in afresh and "288p" in afresh
-    on_it = costs(adaptation._candidate(forwarder, 2.0, current="360p"))
+    on_it = costs(priced(adaptation._candidate(forwarder, 2.0, current="360p"), 1))
     assert "360p" in on_it
     # the viewer on 360p must not be "downgraded" to a cheaper-looking original
     assert on_it[ORIGINAL] > max(cost for name, cost in on_it.items() if name != ORIGINAL)
@@ -49,3 +49,17 @@ def test_a_rung_larger_than_the_original_is_never_kept() -> None:
     adaptation._candidate(forwarder, 0.0)
     measured(adaptation, forwarder, [2000])
     assert "432p" not in costs(adaptation._candidate(forwarder, 1.0, current="432p"))
+
+
+def test_a_rung_sent_twice_never_makes_the_original_look_cheaper() -> None:
+    """On a lossy long-RTT link rungs go twice; the original, sent once, would freeze."""
+    candidate = VideoCandidate(
+        "pub:camera", 0, (Layer(ORIGINAL, 540_000), Layer("360p", 431_520), Layer("144p", 80_000))
+    )
+    doubled = costs(priced(candidate, 2))
+    assert doubled["360p"] == 863_040 and doubled["144p"] == 160_000
+    assert doubled[ORIGINAL] > doubled["360p"]
+    # a viewer on 360p whose budget falls below it goes down a rung, not to the original
+    allocator = Allocator()
+    assert allocator.allocate(1_000_000, [priced(candidate, 2)], 0)["pub:camera"].layer == "360p"
+    assert allocator.allocate(600_000, [priced(candidate, 2)], 0)["pub:camera"].layer == "144p"

@@ -80,6 +80,8 @@ RISE_LIMIT_ADD_BPS = 10_000
 SUSPECT_REMB_S = 2.0  # a REMB fall is followed if round trips show a queue this soon
 LOSS_SMOOTHING_PACKETS = 500  # a report block weighs (packets it covers) / this, up to 0.3
 HEAVY_LOSS_PACKETS = 20  # a block this big losing > 10 % (or such a judged loss): a queue overflows
+# the estimate on a new, shorter path (libwebrtc's start value)
+NEW_PATH_START_BPS = 300_000
 # Start at the ceiling: a viewer is moved off the original only on evidence.
 # Rise below 5 % loss (not 2 %): satellite and EDGE links lose 2-3 % at random,
 # which would otherwise hold the estimate forever; overshooting a real queue
@@ -358,7 +360,11 @@ class SubscriberAdaptation:
         ):
             self.queue_delay.heavy_loss(now)
         if not idle and report.rtt_sample_s is not None:
+            faster = self.queue_delay.faster_links
             self.queue_delay.add(report.rtt_sample_s, now)
+            if self.queue_delay.faster_links > faster:  # a shorter path: start again
+                self.estimator.on_new_path(NEW_PATH_START_BPS, now)
+                logger.info("%r: a shorter path, the estimate starts again", self)
             suspect = self._suspect_remb
             if suspect is not None and now - suspect[1] <= SUSPECT_REMB_S:
                 if self.queue_delay.confirms(now):  # the queue showed up after the REMB

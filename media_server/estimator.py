@@ -219,6 +219,22 @@ class BandwidthEstimator:
                 self._good_since = now
             self._raise_to_delivered(now)
 
+    def on_new_path(self, start_bps: int, now: float) -> None:
+        """The subscriber's path changed: start again from ``start_bps``, never lower.
+
+        What was learnt (a cut to EDGE's 40 kbit/s, a REMB about the old path)
+        is about a link that is gone; libwebrtc resets its estimate to its start
+        value on a network route change.  From the 40 kbit/s floor the slow rise
+        took 12 s to afford the lowest video rung again.  The loss and REMB
+        rules correct a start value the new path cannot carry.
+        """
+        self._advance(now)
+        if start_bps > self._estimate:
+            self._set(min(float(start_bps), float(self.config.ceiling_bps)), "increase")
+        self._remb = None  # about the old path: no cap on the rise
+        self._pooled_lost, self._pooled_expected = 0.0, 0
+        self._good_since = now
+
     def on_delivered(self, nbytes: int, now: float) -> None:
         """Bytes handed to the subscriber's transport at ``now``."""
         if nbytes <= 0:

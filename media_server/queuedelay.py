@@ -39,6 +39,12 @@ while its detector still sees the queue it already reported (aiortc's fell
 once a fall was followed (:meth:`QueueDelay.followed`) the next needs the
 queue to have grown by the threshold since; a sample without a queue ends the
 episode.
+
+A round trip cannot fall below the path's own delay, so two samples in a row
+below half the floor, and ``faster_below_s`` (200 ms) below it, are a shorter
+path (EDGE's 750 ms to a LAN's 2 ms; a clinic off its satellite and onto LTE):
+:attr:`QueueDelay.faster_links` counts them, and what was learnt about the
+old path's capacity is stale.
 """
 
 from __future__ import annotations
@@ -58,6 +64,7 @@ class QueueDelay:
         threshold_share: float = 0.15,
         stale_s: float = 2.0,
         settle_s: float = 2.0,
+        faster_below_s: float = 0.2,
     ) -> None:
         if window_s <= 0 or min_samples < 2 or threshold_s < 0 or threshold_share < 0:
             raise ValueError("window_s > 0, min_samples >= 2, thresholds >= 0")
@@ -66,6 +73,8 @@ class QueueDelay:
         self.window_s = window_s
         self.settle_s = settle_s
         self.new_links = 0  # times the round trip settled at a new level
+        self.faster_links = 0  # times it fell to under half the floor (a shorter path)
+        self.faster_below_s = faster_below_s
         self._followed_queue: float | None = None  # the queue a followed fall answered
         self.stale_s = stale_s
         self.min_samples = min_samples
@@ -78,8 +87,9 @@ class QueueDelay:
         """One round-trip sample."""
         if rtt_s < 0:
             return
-        self._samples.append((now, rtt_s))
         self._trim(now)
+        self._follow_faster_link(rtt_s)
+        self._samples.append((now, rtt_s))
         self._follow_new_link(now)
         base = self.base_s(now)
         if base is not None and rtt_s - base < self._threshold(base):
@@ -139,6 +149,17 @@ class QueueDelay:
     def _threshold(self, base_s: float) -> float:
         return max(self.threshold_s, self.threshold_share * base_s)
 
+    def _follow_faster_link(self, rtt_s: float) -> None:
+        """Count a shorter path: this sample and the one before far below the rest."""
+        samples = self._samples
+        if len(samples) < self.min_samples + 1:
+            return
+        previous = samples[-1][1]
+        older = min(rtt for _, rtt in list(samples)[:-1])
+        if all(r < older / 2 and older - r >= self.faster_below_s for r in (previous, rtt_s)):
+            self.faster_links += 1  # the floor (the smallest sample) is the new path's now
+            self._followed_queue = None
+
     def _follow_new_link(self, now: float) -> None:
         """Forget the samples before a round trip that moved up and stayed put."""
         samples = self._samples
@@ -166,6 +187,7 @@ class QueueDelay:
             "recent_floor_s": self.recent_floor_s(now),
             "samples": len(self._samples),
             "new_links": self.new_links,
+            "faster_links": self.faster_links,
         }
 
     def _trim(self, now: float) -> None:

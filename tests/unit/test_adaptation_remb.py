@@ -140,3 +140,17 @@ async def test_on_a_lossy_long_rtt_link_the_rise_stops_at_1_5x_what_is_delivered
     await adaptation.tick([slot], now=time.monotonic() + 0.5)
     limit = adaptation.estimator.rise_limit_bps
     assert limit is not None and 1.3 * VIDEO_BPS < limit < 1.7 * VIDEO_BPS + 10_000
+
+
+async def test_a_shorter_path_starts_the_estimate_again() -> None:
+    """EDGE -> LAN: the estimate left at the 40 kbit/s floor is about a path that is gone."""
+    adaptation, downtrack = await _adaptation_delivering(8.0)
+    on_report = adaptation.feedback(downtrack).on_report
+    adaptation.estimator.on_remb(40_000, time.monotonic())
+    for i in range(5):
+        on_report(_report(0.75, 1000 + 10 * i))
+    assert adaptation.estimator.estimate_bps(time.monotonic()) == 40_000
+    on_report(_report(0.002, 1060))
+    assert adaptation.estimator.estimate_bps(time.monotonic()) == 40_000  # one sample is not
+    on_report(_report(0.002, 1070))
+    assert adaptation.estimator.estimate_bps(time.monotonic()) >= 300_000

@@ -260,3 +260,15 @@ def test_a_rise_limit_stops_the_rise_without_cutting() -> None:
     assert est.estimate_bps(10.0) == 210_000
     est.rise_limit_bps = 100_000
     assert est.estimate_bps(10.5) == 210_000  # a limit on the rise, not a cut
+
+
+def test_a_new_path_starts_again_from_the_start_value() -> None:
+    est = BandwidthEstimator(EstimatorConfig(initial_bps=1_000_000))
+    est.on_remb(50_000, 1.0)  # EDGE
+    assert est.estimate_bps(1.0) == 50_000
+    est.on_new_path(300_000, 2.0)
+    assert est.estimate_bps(2.0) == 300_000
+    est.on_receiver_report(0.0, 0.002, 4.5)
+    assert est.estimate_bps(5.0) > 300_000  # the old REMB no longer caps the rise
+    est.on_new_path(100_000, 6.0)  # never lower
+    assert est.estimate_bps(6.0) > 300_000

@@ -148,3 +148,27 @@ def test_no_recent_sample_is_no_opinion() -> None:
         q.add(0.6, i * 0.5)
     assert not q.confirms(2.0)
     assert q.confirms(4.0)
+
+
+def test_two_samples_far_below_the_floor_are_a_shorter_path() -> None:
+    """EDGE's 750 ms to a LAN's 2 ms: a round trip cannot fall below its path's delay."""
+    q = QueueDelay()
+    for i in range(6):
+        q.add(0.75 + 0.01 * (i % 2), 0.5 * i)
+    q.add(0.05, 3.0)  # one sample alone is not enough
+    assert q.faster_links == 0
+    q.add(0.002, 3.5)
+    assert q.faster_links == 1
+    q.add(0.002, 4.0)  # the new floor: nothing more
+    assert q.faster_links == 1
+    assert q.base_s(4.0) == 0.002
+
+
+def test_a_draining_queue_or_a_small_fall_is_not_a_shorter_path() -> None:
+    q = QueueDelay()
+    for i, rtt in enumerate([0.6, 0.6, 0.6, 1.2, 1.1, 0.6, 0.6]):  # a queue built and drained
+        q.add(rtt, 0.5 * i)
+    q2 = QueueDelay()
+    for i, rtt in enumerate([0.3, 0.3, 0.3, 0.14, 0.14]):  # half, but by only 160 ms
+        q2.add(rtt, 0.5 * i)
+    assert q.faster_links == 0 and q2.faster_links == 0

@@ -30,11 +30,6 @@ Rule
    * *back-off* — an upgrade undone within ``probe_calls`` (5) calls was a
      failed probe: the next upgrade of that video needs twice as many calls
      (up to ``max_backoff`` x); an upgrade that holds resets it;
-   * *one probe at a time* on a link whose audio is mixed (``cautious``): no
-     video goes up within ``probe_calls`` calls of another's upgrade (it keeps
-     its streak and goes up once that probe held).  Two videos going up in the
-     same call on a 300 kbit/s satellite link took what it was sent from 332
-     to 466 kbit/s, and the overflow paused every video for 5.5 s;
    * a video seen for the first time, or whose priority went up (it became
      the active speaker or a screen share), is placed at once: there is nothing
      to flap from, and a new speaker must not wait.  The others make room in
@@ -165,7 +160,6 @@ class Allocator:
         self._state: dict[str, _TrackState] = {}
         self._calls = 0
         self._cautious = False
-        self._last_upgrade: int | None = None  # call number of any video's last upgrade
 
     def allocate(
         self,
@@ -246,18 +240,12 @@ class Allocator:
         if _rank(layers, up) > _rank(layers, current):
             state.streak += 1
             calls = cfg.upgrade_calls * state.backoff * (2 if self._cautious else 1)
-            if state.streak >= calls and not self._probing():
+            if state.streak >= calls:
                 state.layer, state.streak, state.upgraded_at = _name(up), 0, self._calls
-                self._last_upgrade = self._calls
                 return _choice(up, layers)
         else:
             state.streak = 0
         return _choice(current, layers)
-
-    def _probing(self) -> bool:
-        """Another video's upgrade is still being judged, on a link with audio mixed."""
-        last = self._last_upgrade
-        return self._cautious and last is not None and self._calls - last <= self.config.probe_calls
 
 
 def _cost(option: tuple[Layer, int]) -> int:

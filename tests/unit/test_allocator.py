@@ -222,30 +222,3 @@ def test_a_cautious_upgrade_needs_headroom_and_twice_the_streak() -> None:
     roomy = rung["180p"] * 1.16
     layers = [alloc.allocate(roomy, video, 0, 1, cautious=True)["a"].layer for _ in range(6)]
     assert layers == ["144p"] * 5 + ["180p"]
-
-
-def test_with_audio_mixed_only_one_video_goes_up_at_a_time() -> None:
-    """Two probes at once on a satellite link overflowed its queue and paused everything."""
-    videos = [camera("a", PRIORITY_SPEAKER), camera("b")]
-    rung = {layer.name: layer.bitrate for layer in videos[0].layers}
-    alloc = Allocator(AllocatorConfig(upgrade_calls=3, probe_calls=5))
-    tight = rung["144p"] * 1.2
-    first = alloc.allocate(tight, videos, 0, 1, cautious=True)
-    assert (first["a"].layer, first["b"].layer) == ("144p", PAUSED)
-    # room for both to go up: the speaker probes first, b waits until that probe held
-    roomy = (rung["180p"] + rung["144p"]) * 1.2
-    calls = [alloc.allocate(roomy, videos, 0, 1, cautious=True) for _ in range(12)]
-    a_up = next(i for i, c in enumerate(calls) if c["a"].layer != "144p")
-    b_up = next(i for i, c in enumerate(calls) if c["b"].layer != PAUSED)
-    assert a_up == 5  # the cautious streak: 6 calls
-    assert b_up - a_up == 6  # probe_calls after a's upgrade, not in the same call
-
-
-def test_without_audio_mixed_videos_go_up_together() -> None:
-    videos = [camera("a", PRIORITY_SPEAKER), camera("b")]
-    rung = {layer.name: layer.bitrate for layer in videos[0].layers}
-    alloc = Allocator(AllocatorConfig(upgrade_calls=3))
-    alloc.allocate(rung["144p"] * 1.2, videos, 0, 1)
-    roomy = (rung["180p"] + rung["144p"]) * 1.2
-    calls = [alloc.allocate(roomy, videos, 0, 1) for _ in range(3)]
-    assert calls[-1]["a"].layer != "144p" and calls[-1]["b"].layer != PAUSED

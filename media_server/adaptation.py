@@ -130,22 +130,11 @@ class LadderPool:
     def rungs_for(
         self, forwarder: Forwarder, original_bps: int, keep: str | None = None
     ) -> tuple[Rung, ...]:
-        """The rungs worth offering below ``forwarder``'s original at ``original_bps``.
-
-        ``keep``: a rung the viewer is on, offered while it is no larger than
-        the original even if the original's measured rate dipped (between two
-        keyframes) below what it takes to offer it afresh.
-        """
+        """The rungs worth offering below ``forwarder``'s original (see ``usable_rungs``)."""
         size = forwarder.frame_size
         if size is None:
             return ()
-        width, height = size
-        usable = usable_rungs(width, height, original_bps, self._rungs)
-        return tuple(
-            r
-            for r in self._rungs
-            if r in usable or (r.name == keep and r.width * r.height <= width * height)
-        )
+        return usable_rungs(size[0], size[1], original_bps, self._rungs, keep=keep)
 
     def acquire(self, forwarder: Forwarder, rung: str) -> RungSource:
         track_id = forwarder.info.id
@@ -509,8 +498,7 @@ class SubscriberAdaptation:
                 rate = self._measure(slot.forwarder, now)
                 originals.append(AUDIO_BPS if rate is None else max(AUDIO_MIN_BPS, int(rate)))
                 continue
-            current = self.layers.get(slot.info.id)
-            videos.append((slot, self._candidate(slot.forwarder, now, speaker, current)))
+            videos.append((slot, self._candidate(slot.forwarder, now, speaker)))
         audio_reserve = await self._audio(estimate, originals, slots)
         self._audio_reserve = audio_reserve
         mixing = self.audio_mode is not None and self.audio_mode.mixing
@@ -593,13 +581,10 @@ class SubscriberAdaptation:
         return self._original_bps.get(track_id)
 
     def _candidate(
-        self,
-        forwarder: Forwarder,
-        now: float,
-        speaker: str | None = None,
-        current: str | None = None,
+        self, forwarder: Forwarder, now: float, speaker: str | None = None
     ) -> VideoCandidate:
         original = int(max(self._measure(forwarder, now) or 0.0, MIN_ORIGINAL_BPS))
+        current = self.layers.get(forwarder.info.id)  # the viewer's rung stays offered
         layers = [Layer(ORIGINAL, original)]
         layers += [
             Layer(r.name, wire_bps(r.bitrate, r.fps))

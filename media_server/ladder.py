@@ -126,12 +126,19 @@ def usable_rungs(
     original_bps: int,
     rungs: Sequence[Rung] = DEFAULT_RUNGS,
     max_fraction: float = RUNG_MAX_FRACTION,
+    keep: str | None = None,
 ) -> tuple[Rung, ...]:
-    """Rungs worth offering below an original: cheaper by 20 % and not larger."""
+    """Rungs worth offering below an original: cheaper by 20 % and not larger.
+
+    ``keep``: a rung a viewer is on, offered whenever it is not larger, even if
+    the original's measured rate dipped (between two keyframes) below what it
+    takes to offer it afresh.
+    """
     return tuple(
         r
         for r in rungs
-        if r.bitrate <= original_bps * max_fraction and r.width * r.height <= width * height
+        if r.width * r.height <= width * height
+        and (r.name == keep or r.bitrate <= original_bps * max_fraction)
     )
 
 

@@ -45,13 +45,7 @@ and held with hysteresis, down fast and up slowly:
   or two reports about the same burst, do not compound into a collapse.  The
   first report with heavy loss acts immediately.
 * **2 % <= loss <= 10 %** — hold: nothing changes, and the "good" clock restarts.
-  So does a queue the caller sees in round trips (``on_queue``).  But loss
-  in this band within ``queue_fresh_s`` of such a queue is a full queue
-  dropping what overflows it (random loss does not fill a queue): cut to what
-  got through, ``x (1 - loss) x 0.85`` (GCC's back-off on overuse), spaced
-  like loss cuts.  A standing queue has no delay gradient, so the receiver's
-  REMB misses it, and 5-8 % overflow sat in the hold band: a 3G viewer's
-  estimate stayed at 482 kbit/s on the 450 kbit/s link for 6 s.
+  So does a queue the caller sees in round trips (``on_queue``).
 * **loss < 2 %** — once every report for the last ``increase_after_s`` (2 s)
   has been below 2 %, the estimate is at least ``delivered_floor_share`` of
   the delivered rate (what the link just carried cleanly; off by default),
@@ -112,10 +106,6 @@ class EstimatorConfig:
     judge_after_s: float = 1.0
     # a clean report raises the estimate to this share of the delivered rate (0 = off)
     delivered_floor_share: float = 0.0
-    # loss in the hold band while round trips showed a queue this recently is a full
-    # queue overflowing: cut to what got through x overflow_backoff (GCC's beta)
-    queue_fresh_s: float = 2.0
-    overflow_backoff: float = 0.85
 
     def __post_init__(self) -> None:
         if not 0 < self.floor_bps <= self.initial_bps <= self.ceiling_bps:
@@ -130,8 +120,6 @@ class EstimatorConfig:
             raise ValueError("delivered_history_s must be >= delivered_window_s")
         if self.remb_max_age_s <= 0:
             raise ValueError("remb_max_age_s must be > 0")
-        if self.queue_fresh_s < 0 or not 0 < self.overflow_backoff <= 1:
-            raise ValueError("need queue_fresh_s >= 0 and 0 < overflow_backoff <= 1")
         if not 1 <= self.min_loss_packets <= self.judge_loss_packets:
             raise ValueError("need 1 <= min_loss_packets <= judge_loss_packets")
 
@@ -162,7 +150,6 @@ class BandwidthEstimator:
         self._good_since: float | None = None  # first of an unbroken run of reports < 2 %
         self._last_time: float | None = None  # last time the estimate was advanced
         self._last_cut: float | None = None
-        self._queue_at: float | None = None  # when round trips last showed a queue
         self._last_change = "hold"
         self._delivered: deque[tuple[float, int]] = deque()  # (when, bytes), recent history
         self._first_delivery: float | None = None
@@ -220,37 +207,24 @@ class BandwidthEstimator:
         cfg = self.config
         if loss > cfg.loss_decrease_above:
             self._good_since = None
-            self._cut(now, 1.0 - 0.5 * loss, f"loss {loss:.2f}")
+            interval = cfg.decrease_interval_s + (self._rtt or 0.0)
+            if self._last_cut is None or now - self._last_cut >= interval:
+                self._last_cut = now
+                base = self._estimate
+                sent = self._sent_while_reported(now)
+                if sent is not None:
+                    base = min(base, float(sent))
+                target = max(float(cfg.floor_bps), base * (1.0 - 0.5 * loss))
+                if target < self._estimate:
+                    self._set(target, "decrease")
+                    self._last_cut_by = f"loss {loss:.2f}"
         elif loss >= cfg.loss_increase_below:
             self._good_since = None
             self._last_change = "hold"
-            queue = self._queue_at
-            if queue is not None and now - queue <= cfg.queue_fresh_s:
-                # a full queue dropping what overflows it: what got through, less a drain
-                self._cut(now, (1.0 - loss) * cfg.overflow_backoff, f"queue {loss:.2f}")
         else:
             if self._good_since is None:
                 self._good_since = now
             self._raise_to_delivered(now)
-
-    def _cut(self, now: float, factor: float, label: str) -> None:
-        """Cut to ``factor`` x the smaller of the estimate and what was sent.
-
-        Cuts are spaced by ``decrease_interval_s`` + RTT: the several report
-        blocks of one compound, or two reports about one burst, cut once."""
-        cfg = self.config
-        interval = cfg.decrease_interval_s + (self._rtt or 0.0)
-        if self._last_cut is not None and now - self._last_cut < interval:
-            return
-        self._last_cut = now
-        base = self._estimate
-        sent = self._sent_while_reported(now)
-        if sent is not None:
-            base = min(base, float(sent))
-        target = max(float(cfg.floor_bps), base * factor)
-        if target < self._estimate:
-            self._set(target, "decrease")
-            self._last_cut_by = label
 
     def on_new_path(self, start_bps: int, now: float) -> None:
         """The subscriber's path changed: start again from ``start_bps``, never lower.
@@ -280,7 +254,6 @@ class BandwidthEstimator:
         """
         self._advance(now)
         self._good_since = None
-        self._queue_at = now
         if self._last_change == "increase":
             self._last_change = "hold"
 

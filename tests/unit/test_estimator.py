@@ -305,26 +305,3 @@ def test_a_later_report_of_the_same_overload_cuts_from_what_met_the_loss() -> No
     assert second < first  # still a cut
     # from what was sent a round trip ago (~325 kbit/s), not from the 150 sent now
     assert second >= 250_000
-
-
-def test_loss_in_the_hold_band_with_a_queue_is_an_overflow_and_cuts() -> None:
-    """A standing queue dropping 6 % is not random loss; 6 % alone is held."""
-    est = BandwidthEstimator(EstimatorConfig(initial_bps=480_000))
-    deliver(est, 470_000, 0.0, 3.05)
-    est.on_receiver_report(0.06, 0.5, 2.0)  # random loss, no queue seen: hold
-    assert est.estimate_bps(2.0) == 480_000
-    est.on_queue(2.5)  # round trips show a queue
-    est.on_receiver_report(0.06, 0.5, 3.0)
-    cut = est.estimate_bps(3.0)
-    assert cut == pytest.approx(470_000 * 0.94 * 0.85, rel=0.12)
-    assert est.snapshot(3.0).last_cut == "queue 0.06"
-    est.on_receiver_report(0.06, 0.5, 3.2)  # within 300 ms + RTT of the cut: once
-    assert est.estimate_bps(3.2) == cut
-
-
-def test_a_queue_seen_long_ago_does_not_make_loss_an_overflow() -> None:
-    est = BandwidthEstimator(EstimatorConfig(initial_bps=480_000))
-    deliver(est, 470_000, 0.0, 6.05)
-    est.on_queue(1.0)
-    est.on_receiver_report(0.06, 0.5, 3.5)  # 2.5 s later
-    assert est.estimate_bps(3.5) == 480_000

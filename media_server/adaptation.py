@@ -354,8 +354,6 @@ class SubscriberAdaptation:
             if self.queue_delay.faster_links > faster:  # a shorter path: start again
                 self.estimator.on_new_path(NEW_PATH_START_BPS, now)
                 logger.info("%r: a shorter path, the estimate starts again", self)
-            elif self.queue_delay.shows_queue(now):  # the link is full: no rise
-                self.estimator.on_queue(now)
             suspect = self._suspect_remb
             if suspect is not None and now - suspect[1] <= SUSPECT_REMB_S:
                 if self.queue_delay.confirms(now):  # the queue showed up after the REMB

@@ -37,15 +37,11 @@ and held with hysteresis, down fast and up slowly:
   ``min(estimate, delivered rate) x (1 - 0.5 x loss)``.  The delivered rate is
   used because the allocator may be sending far less than the estimate (rungs
   are coarse): the link is known to be smaller than what we actually sent.
-  A report is about packets sent a round trip ago: the delivered rate is the
-  larger of now and then, so that a cut we made already does not shrink the
-  base of the next cut for the same overload.
   Cuts are spaced by at least ``300 ms + RTT`` (libwebrtc's
   ``kBweDecreaseInterval``) so the several report blocks of one RTCP compound,
   or two reports about the same burst, do not compound into a collapse.  The
   first report with heavy loss acts immediately.
 * **2 % <= loss <= 10 %** — hold: nothing changes, and the "good" clock restarts.
-  So does a queue the caller sees in round trips (``on_queue``).
 * **loss < 2 %** — once every report for the last ``increase_after_s`` (2 s)
   has been below 2 %, the estimate is at least ``delivered_floor_share`` of
   the delivered rate (what the link just carried cleanly; off by default),
@@ -93,8 +89,6 @@ class EstimatorConfig:
     loss_decrease_above: float = LOSS_DECREASE_ABOVE
     decrease_interval_s: float = 0.3  # + RTT between two loss cuts
     delivered_window_s: float = 1.0
-    # how far back a loss report may look for what was sent during the time it covers
-    delivered_history_s: float = 4.0
     # After a loss cut on a link that is clean again, climb quickly back to this share
     # of the REMB (the receiver's delay-based estimate, capped by what it receives).
     remb_recovery_fraction: float = 0.0  # 0 = off: only the slow rise
@@ -116,8 +110,6 @@ class EstimatorConfig:
             raise ValueError("need 0 <= loss_increase_below <= loss_decrease_above <= 1")
         if self.delivered_window_s <= 0 or self.decrease_interval_s < 0:
             raise ValueError("delivered_window_s must be > 0 and decrease_interval_s >= 0")
-        if self.delivered_history_s < self.delivered_window_s:
-            raise ValueError("delivered_history_s must be >= delivered_window_s")
         if self.remb_max_age_s <= 0:
             raise ValueError("remb_max_age_s must be > 0")
         if not 1 <= self.min_loss_packets <= self.judge_loss_packets:
@@ -151,7 +143,8 @@ class BandwidthEstimator:
         self._last_time: float | None = None  # last time the estimate was advanced
         self._last_cut: float | None = None
         self._last_change = "hold"
-        self._delivered: deque[tuple[float, int]] = deque()  # (when, bytes), recent history
+        self._delivered: deque[tuple[float, int]] = deque()
+        self._delivered_bytes = 0
         self._first_delivery: float | None = None
         self._pooled_lost = 0.0  # report blocks not yet judged (see min_loss_packets)
         self._pooled_expected = 0
@@ -211,9 +204,9 @@ class BandwidthEstimator:
             if self._last_cut is None or now - self._last_cut >= interval:
                 self._last_cut = now
                 base = self._estimate
-                sent = self._sent_while_reported(now)
-                if sent is not None:
-                    base = min(base, float(sent))
+                delivered = self.delivered_bps(now)
+                if delivered is not None:
+                    base = min(base, float(delivered))
                 target = max(float(cfg.floor_bps), base * (1.0 - 0.5 * loss))
                 if target < self._estimate:
                     self._set(target, "decrease")
@@ -242,21 +235,6 @@ class BandwidthEstimator:
         self._pooled_lost, self._pooled_expected = 0.0, 0
         self._good_since = now
 
-    def on_queue(self, now: float) -> None:
-        """Round trips show a queue building on the link: no rise for now.
-
-        The clean clock restarts, as for loss in the hold band: the estimate
-        rises again only after ``increase_after_s`` of clean reports.  Google
-        congestion control does not increase while its delay detector sees
-        overuse; aiortc's REMB, our only delay-based input, often misses it.  On
-        a satellite link the estimate rose 8 %/s with the queue at 140 ms, and
-        reached 1.6x the link before a loss told.
-        """
-        self._advance(now)
-        self._good_since = None
-        if self._last_change == "increase":
-            self._last_change = "hold"
-
     def on_delivered(self, nbytes: int, now: float) -> None:
         """Bytes handed to the subscriber's transport at ``now``."""
         if nbytes <= 0:
@@ -264,6 +242,7 @@ class BandwidthEstimator:
         if self._first_delivery is None:
             self._first_delivery = now
         self._delivered.append((now, nbytes))
+        self._delivered_bytes += nbytes
         self._expire(now)
 
     # -- outputs ------------------------------------------------------------
@@ -283,36 +262,11 @@ class BandwidthEstimator:
         if self._first_delivery is None:
             return None
         self._expire(now)
-        return self._delivered_until(now, now)
-
-    def _delivered_until(self, end: float, now: float) -> int | None:
-        """Delivered rate over the window that ends at ``end`` (<= ``now``)."""
-        first = self._first_delivery
         window = self.config.delivered_window_s
-        if first is None or now - end > self.config.delivered_history_s - window:
-            return None
-        span = min(window, end - first)
+        span = min(window, now - self._first_delivery)
         if span < window / 2:
             return None
-        upper = end + 1e-6  # a clock read twice in the same instant
-        nbytes = sum(n for at, n in self._delivered if end - window < at <= upper)
-        return int(8 * nbytes / span)
-
-    def _sent_while_reported(self, now: float) -> int | None:
-        """What we sent while the packets a report covers were on the way.
-
-        A report arrives a round trip (and a queue) after the packets it is
-        about.  Once we cut, what we deliver now is already less than what met
-        the loss: cutting that again by the same loss compounded three cuts of
-        one satellite overload (55 %, 47 %, then 13 % loss, reported after we
-        had cut) into a pause of every video.  So the larger of now and one
-        round trip ago.
-        """
-        current = self.delivered_bps(now)
-        then = self._delivered_until(now - (self._rtt or 0.0), now)
-        if current is None or then is None:
-            return current if then is None else then
-        return max(current, then)
+        return int(8 * self._delivered_bytes / span)
 
     def snapshot(self, now: float) -> EstimateSnapshot:
         estimate = self.estimate_bps(now)
@@ -404,6 +358,6 @@ class BandwidthEstimator:
         return fraction * self._remb
 
     def _expire(self, now: float) -> None:
-        horizon = now - self.config.delivered_history_s
+        horizon = now - self.config.delivered_window_s
         while self._delivered and self._delivered[0][0] <= horizon:
-            self._delivered.popleft()
+            self._delivered_bytes -= self._delivered.popleft()[1]

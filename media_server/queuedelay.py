@@ -140,16 +140,6 @@ class QueueDelay:
             return queued >= self._followed_queue + threshold
         return queued >= threshold
 
-    def shows_queue(self, now: float) -> bool:
-        """Recent samples show a queue of at least the threshold (no opinion: False).
-
-        Unlike :meth:`confirms`, a queue a fall was already followed for still
-        counts: it is a reason not to send more, not a new fall."""
-        base = self.base_s(now)
-        if base is None or now - self._samples[-1][0] > self.stale_s:
-            return False
-        return self._queued_above(base) >= self._threshold(base)
-
     def followed(self, now: float) -> None:
         """A fall was followed for the queue seen now: the next needs it to grow."""
         queued = self.queued_s(now)

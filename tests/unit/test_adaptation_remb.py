@@ -6,8 +6,6 @@ import asyncio
 import time
 from typing import Any, cast
 
-import pytest
-
 from media_server import hooks
 from media_server.adaptation import LadderPool, SubscriberAdaptation
 from media_server.downtrack import DownTrack
@@ -156,17 +154,3 @@ async def test_a_shorter_path_starts_the_estimate_again() -> None:
     assert adaptation.estimator.estimate_bps(time.monotonic()) == 40_000  # one sample is not
     on_report(_report(0.002, 1070))
     assert adaptation.estimator.estimate_bps(time.monotonic()) >= 300_000
-
-
-async def test_a_queue_in_the_round_trips_holds_the_rise(monkeypatch: pytest.MonkeyPatch) -> None:
-    adaptation, downtrack = await _adaptation_delivering(8.0)
-    on_report = adaptation.feedback(downtrack).on_report
-    held: list[float] = []
-    hold = adaptation.estimator.on_queue
-    monkeypatch.setattr(adaptation.estimator, "on_queue", lambda now: (held.append(now), hold(now)))
-    for i, rtt in enumerate([0.60, 0.61, 0.59, 0.62]):  # a satellite link, no queue
-        on_report(_report(rtt, 100 * (i + 1)))
-    assert held == []
-    on_report(_report(0.75, 500))  # one sample is not a queue
-    on_report(_report(0.76, 600))  # two are: 150 ms above the floor
-    assert len(held) == 1

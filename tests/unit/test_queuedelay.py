@@ -172,19 +172,3 @@ def test_a_draining_queue_or_a_small_fall_is_not_a_shorter_path() -> None:
     for i, rtt in enumerate([0.3, 0.3, 0.3, 0.14, 0.14]):  # half, but by only 160 ms
         q2.add(rtt, 0.5 * i)
     assert q.faster_links == 0 and q2.faster_links == 0
-
-
-def test_shows_queue_also_after_a_fall_was_followed_and_not_without_samples() -> None:
-    q = QueueDelay()
-    assert not q.shows_queue(0.0)  # no samples: no opinion, no queue
-    for i, rtt in enumerate([0.60, 0.61, 0.59]):
-        q.add(rtt, 0.5 * i)
-    assert not q.shows_queue(1.0)
-    q.add(0.74, 1.5)
-    assert not q.shows_queue(1.5)  # one sample is not a queue
-    q.add(0.75, 2.0)
-    assert q.shows_queue(2.0)
-    q.followed(2.0)
-    assert not q.confirms(2.0)  # no new fall...
-    assert q.shows_queue(2.0)  # ...but still a queue: no reason to send more
-    assert not q.shows_queue(2.0 + q.stale_s + 0.1)  # samples stopped: no opinion

@@ -583,21 +583,21 @@ class SubscriberAdaptation:
     def _candidate(
         self, forwarder: Forwarder, now: float, speaker: str | None = None
     ) -> VideoCandidate:
+        info = forwarder.info
         original = int(max(self._measure(forwarder, now) or 0.0, MIN_ORIGINAL_BPS))
-        current = self.layers.get(forwarder.info.id)  # the viewer's rung stays offered
+        current = self.layers.get(info.id)  # the viewer's rung stays offered
         layers = [Layer(ORIGINAL, original)]
         layers += [
             Layer(r.name, wire_bps(r.bitrate, r.fps))
             for r in self.pool.rungs_for(forwarder, original, keep=current)
         ]
-        info = forwarder.info
         if info.source == "screen":
             priority = PRIORITY_SCREEN
         elif info.participant_id == speaker and info.source == "camera":
             priority = PRIORITY_SPEAKER
         else:
             priority = PRIORITY_OTHER
-        return VideoCandidate(forwarder.info.id, priority, tuple(layers))
+        return VideoCandidate(info.id, priority, tuple(layers))
 
     async def _apply(self, slot: Slot, choice: Choice) -> None:
         assert slot.info is not None and slot.forwarder is not None

@@ -505,12 +505,13 @@ class SubscriberAdaptation:
         rungs = [layer.bitrate for _, c in videos for layer in c.layers if layer.name != ORIGINAL]
         # the link's own round trip (the floor of the last seconds' samples), not one a
         # queue inflated: repeating into congestion would only add to it
-        base_rtt = self.queue_delay.recent_floor_s(now)
+        floor_rtt = self.queue_delay.recent_floor_s(now)
         copies = self.video_repeat.decide(
             self._loss,
-            base_rtt if base_rtt is not None else self.estimator.snapshot(now).rtt_s,
+            floor_rtt if floor_rtt is not None else self.estimator.snapshot(now).rtt_s,
             estimate - audio_reserve,
             min(rungs, default=None),
+            self.queue_delay.base_s(now),
         )
         videos = [(slot, priced(c, copies)) for slot, c in videos]
         choices = self.allocator.allocate(

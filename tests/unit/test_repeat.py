@@ -26,6 +26,18 @@ def test_short_round_trips_clean_links_and_no_evidence_send_once(
     assert VideoRepeat().decide(loss, rtt, 10 * RUNG, RUNG) == 1
 
 
+def test_a_queue_on_a_short_path_is_not_a_long_round_trip() -> None:
+    """3G (150 ms) with its 400 ms queue standing: the 3 s floor reads 0.45 s."""
+    rule = VideoRepeat()
+    assert rule.decide(0.05, 0.45, 10 * RUNG, RUNG, base_rtt_s=0.15) == 1
+    assert rule.decide(0.05, 0.45, 10 * RUNG, RUNG, base_rtt_s=None) == 1
+    assert not rule.link_needs
+    # the same round trip held for the judge's whole window is the path's own
+    assert rule.decide(0.05, 0.45, 10 * RUNG, RUNG, base_rtt_s=0.42) == 2
+    # past any 3G queue: a satellite hop, before the 8 s window forgot 3G
+    assert VideoRepeat().decide(0.02, 0.6, 10 * RUNG, RUNG, base_rtt_s=0.15) == 2
+
+
 def test_without_room_for_two_copies_the_picture_goes_once() -> None:
     rule = VideoRepeat()
     assert rule.decide(0.02, 0.6, 1.5 * RUNG, RUNG) == 1
@@ -57,3 +69,5 @@ def test_config_is_checked() -> None:
         RepeatConfig(on_loss=0.001, off_loss=0.01)
     with pytest.raises(ValueError):
         RepeatConfig(copies=1)
+    with pytest.raises(ValueError):
+        RepeatConfig(on_rtt_s=0.6, long_rtt_s=0.5)

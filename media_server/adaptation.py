@@ -511,7 +511,6 @@ class SubscriberAdaptation:
             floor_rtt if floor_rtt is not None else self.estimator.snapshot(now).rtt_s,
             estimate - audio_reserve,
             min(rungs, default=None),
-            self.queue_delay.base_s(now),
         )
         videos = [(slot, priced(c, copies)) for slot, c in videos]
         choices = self.allocator.allocate(

@@ -128,11 +128,26 @@ class QueueDelay:
     def _queued_above(self, base_s: float) -> float:
         return min(self._samples[-1][1], self._samples[-2][1]) - base_s
 
+    def _fresh_base_s(self, now: float) -> float | None:
+        """:meth:`base_s`, or None when the newest sample is older than ``stale_s``."""
+        base = self.base_s(now)
+        return None if base is None or now - self._samples[-1][0] > self.stale_s else base
+
+    def depth(self, now: float) -> float | None:
+        """The queue (:meth:`queued_s`) in thresholds (None: too few or stale samples)."""
+        base = self._fresh_base_s(now)
+        if base is None:
+            return None
+        queued, threshold = self._queued_above(base), self._threshold(base)
+        if threshold <= 0:
+            return math.inf if queued > 0 else 0.0
+        return queued / threshold
+
     def confirms(self, now: float) -> bool:
         """True unless enough recent samples show no queue worth the name, or
         only the queue a fall was already followed for."""
-        base = self.base_s(now)
-        if base is None or now - self._samples[-1][0] > self.stale_s:
+        base = self._fresh_base_s(now)
+        if base is None:
             return True
         queued = self._queued_above(base)
         threshold = self._threshold(base)

@@ -95,6 +95,25 @@ async def test_a_remb_fall_with_a_grown_round_trip_is_followed_at_once() -> None
     assert adaptation.rembs_unconfirmed == 0
 
 
+async def test_a_small_queue_confirms_one_back_off_not_a_deeper_fall() -> None:
+    """Satellite: one sample pair 100 ms over the floor, aiortc's REMB at 0.45x."""
+    adaptation, downtrack = await _adaptation_delivering(8.0)
+    feedback = adaptation.feedback(downtrack)
+    for i, rtt in enumerate([0.60, 0.61, 0.59, 0.69, 0.69]):
+        feedback.on_report(_report(rtt, 100 * (i + 1)))
+    before = adaptation.estimator.estimate_bps(time.monotonic())
+    feedback.on_remb(int(VIDEO_BPS * 0.95), [1234])
+    feedback.on_remb(int(VIDEO_BPS * 0.45), [1234])
+    after = adaptation.estimator.estimate_bps(time.monotonic())
+    assert after < before
+    assert 0.8 * VIDEO_BPS <= after <= 0.86 * VIDEO_BPS  # no audio: all of it is video
+    # a queue that grows by its threshold again confirms the next fall, in full
+    feedback.on_report(_report(0.85, 600))
+    feedback.on_report(_report(0.85, 700))
+    feedback.on_remb(int(VIDEO_BPS * 0.4), [1234])
+    assert adaptation.estimator.estimate_bps(time.monotonic()) <= 0.4 * VIDEO_BPS + 60_000
+
+
 async def test_one_queue_answers_one_remb_fall_unless_it_grows() -> None:
     """After a step in delay aiortc's REMB falls at every report: one cut, not five."""
     adaptation, downtrack = await _adaptation_delivering(8.0)

@@ -238,6 +238,7 @@ class SubscriberAdaptation:
         # a fall no queue confirmed yet: (bps, video part, video delivered, when)
         self._suspect_remb: tuple[int, int, int | None, float] | None = None
         self.rembs_unconfirmed = 0
+        self.rembs_bounded = 0  # confirmed falls held at one back-off (a small queue)
         self.audio_mode = AudioMode(label, mixer, on_audio) if mixer is not None else None
         self._on_layer = on_layer
         self._loss: float | None = None  # smoothed over the receiver reports
@@ -458,8 +459,10 @@ class SubscriberAdaptation:
         """
         self.queue_delay.followed(now)
         depth = self.queue_delay.depth(now)
-        if delivered is not None and depth is not None and depth < SMALL_QUEUE_DEPTH:
-            bps += max(0, int(REMB_STEP * delivered) - measured)
+        step = 0 if delivered is None else int(REMB_STEP * delivered) - measured
+        if step > 0 and depth is not None and depth < SMALL_QUEUE_DEPTH:
+            bps += step
+            self.rembs_bounded += 1
         self.estimator.on_remb(bps, now)
 
     def _video_delivered_bps(self, now: float) -> int | None:

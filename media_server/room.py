@@ -235,7 +235,11 @@ class MediaRoom:
         }
         # what the queue judge sees (see queuedelay.py)
         round_trips = {
-            p.id: p.subscriber.adaptation.queue_delay.snapshot(now)
+            p.id: {
+                **p.subscriber.adaptation.queue_delay.snapshot(now),
+                "rembs_unconfirmed": p.subscriber.adaptation.rembs_unconfirmed,
+                "rembs_bounded": p.subscriber.adaptation.rembs_bounded,
+            }
             for p in self.participants.values()
             if p.subscriber is not None and p.subscriber.adaptation is not None
         }

@@ -107,6 +107,7 @@ async def test_a_small_queue_confirms_one_back_off_not_a_deeper_fall() -> None:
     after = adaptation.estimator.estimate_bps(time.monotonic())
     assert after < before
     assert 0.8 * VIDEO_BPS <= after <= 0.86 * VIDEO_BPS  # no audio: all of it is video
+    assert adaptation.rembs_bounded == 1
     # a queue that grows by its threshold again confirms the next fall, in full
     feedback.on_report(_report(0.85, 600))
     feedback.on_report(_report(0.85, 700))

@@ -80,6 +80,7 @@ RISE_LIMIT_ADD_BPS = 10_000
 SUSPECT_REMB_S = 2.0  # a REMB fall is followed if round trips show a queue this soon
 REMB_STEP = 0.85  # a receiver's AIMD backs off to this x what it received ...
 SMALL_QUEUE_DEPTH = 2.0  # ... so while the queue is under this x its threshold, no deeper
+LINK_DROP_SHARE = 0.3  # unless the REMB is under this x what we send: the link dropped
 LOSS_SMOOTHING_PACKETS = 500  # a report block weighs (packets it covers) / this, up to 0.3
 HEAVY_LOSS_PACKETS = 20  # a block this big losing > 10 % (or such a judged loss): a queue overflows
 # the estimate on a new, shorter path (libwebrtc's start value)
@@ -454,15 +455,21 @@ class SubscriberAdaptation:
         paused and the 8 %/s rise took 9 s to resume it.  So while the queue is
         under :data:`SMALL_QUEUE_DEPTH` thresholds, one fall goes no lower than
         :data:`REMB_STEP` x what was delivered; a growing queue confirms the
-        next fall, and a deep one (a link that dropped: LAN to 3G, 400 ms) is
-        followed all the way.
+        next fall, and a deep one is followed all the way.  So is a REMB under
+        :data:`LINK_DROP_SHARE` of what we send: the receiver gets a fraction
+        of it, the link dropped, and the round trips lag the queue by a report
+        (LAN to 3G: an 80 ms queue seen while the link's was 400 ms; held at
+        one back-off, the estimate stayed at 2.4 Mbit/s on a 450 kbit/s link
+        for 1.5 s).
         """
         self.queue_delay.followed(now)
         depth = self.queue_delay.depth(now)
-        step = 0 if delivered is None else int(REMB_STEP * delivered) - measured
-        if step > 0 and depth is not None and depth < SMALL_QUEUE_DEPTH:
-            bps += step
-            self.rembs_bounded += 1
+        small = depth is not None and depth < SMALL_QUEUE_DEPTH
+        if small and delivered is not None:
+            floor = int(REMB_STEP * delivered)
+            if LINK_DROP_SHARE * delivered <= measured < floor:
+                bps += floor - measured
+                self.rembs_bounded += 1
         self.estimator.on_remb(bps, now)
 
     def _video_delivered_bps(self, now: float) -> int | None:

@@ -115,6 +115,18 @@ async def test_a_small_queue_confirms_one_back_off_not_a_deeper_fall() -> None:
     assert adaptation.estimator.estimate_bps(time.monotonic()) <= 0.4 * VIDEO_BPS + 60_000
 
 
+async def test_a_remb_far_below_what_is_sent_is_a_link_drop_followed_in_full() -> None:
+    """LAN -> 3G: the first round trips show 80 ms while the receiver gets a sixth."""
+    adaptation, downtrack = await _adaptation_delivering(8.0)
+    feedback = adaptation.feedback(downtrack)
+    for i, rtt in enumerate([0.002, 0.002, 0.003, 0.085, 0.085]):
+        feedback.on_report(_report(rtt, 100 * (i + 1)))
+    feedback.on_remb(int(VIDEO_BPS * 0.95), [1234])
+    feedback.on_remb(int(VIDEO_BPS * 0.15), [1234])
+    assert adaptation.estimator.estimate_bps(time.monotonic()) <= 0.15 * VIDEO_BPS
+    assert adaptation.rembs_bounded == 0
+
+
 async def test_one_queue_answers_one_remb_fall_unless_it_grows() -> None:
     """After a step in delay aiortc's REMB falls at every report: one cut, not five."""
     adaptation, downtrack = await _adaptation_delivering(8.0)

@@ -27,7 +27,7 @@ import math
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from . import hooks
 from .allocator import (
@@ -218,6 +218,15 @@ def priced(candidate: VideoCandidate, copies: int) -> VideoCandidate:
     return VideoCandidate(candidate.track_id, candidate.priority, (*layers, *rungs))
 
 
+class _RembFall(NamedTuple):
+    """A REMB fall: ``bps`` in all, ``measured`` its part compared with ``delivered``."""
+
+    bps: int
+    measured: int
+    delivered: int | None
+    at: float
+
+
 class SubscriberAdaptation:
     """One subscriber's estimate, allocation and the switches that follow."""
 
@@ -236,8 +245,7 @@ class SubscriberAdaptation:
         self.audio_rule = AudioRule()
         self.video_repeat = VideoRepeat()
         self.queue_delay = QueueDelay()
-        # a fall no queue confirmed yet: (bps, video part, video delivered, when)
-        self._suspect_remb: tuple[int, int, int | None, float] | None = None
+        self._suspect_remb: _RembFall | None = None  # a fall no queue confirmed yet
         self.rembs_unconfirmed = 0
         self.rembs_bounded = 0  # confirmed falls held at one back-off (a small queue)
         self.audio_mode = AudioMode(label, mixer, on_audio) if mixer is not None else None
@@ -360,10 +368,10 @@ class SubscriberAdaptation:
                 self.estimator.on_new_path(NEW_PATH_START_BPS, now)
                 logger.info("%r: a shorter path, the estimate starts again", self)
             suspect = self._suspect_remb
-            if suspect is not None and now - suspect[3] <= SUSPECT_REMB_S:
+            if suspect is not None and now - suspect.at <= SUSPECT_REMB_S:
                 if self.queue_delay.confirms(now):  # the queue showed up after the REMB
                     self._suspect_remb = None
-                    self._follow_fall(*suspect[:3], now)
+                    self._follow_fall(suspect, now)
             else:
                 self._suspect_remb = None
 
@@ -436,20 +444,19 @@ class SubscriberAdaptation:
         )
         if congested and not self.queue_delay.confirms(now):
             # jitter, not a queue (round trips did not grow): wait for one to show
-            self._suspect_remb = (bps, measured, delivered, now)
+            self._suspect_remb = _RembFall(bps, measured, delivered, now)
             self.rembs_unconfirmed += 1
         elif congested:
             self._suspect_remb = None
-            self._follow_fall(bps, measured, delivered, now)
+            self._follow_fall(_RembFall(bps, measured, delivered, now), now)
         elif bps >= self.estimator.estimate_bps(now):
             self._suspect_remb = None
             self.estimator.on_remb(bps, now)
 
-    def _follow_fall(self, bps: int, measured: int, delivered: int | None, now: float) -> None:
+    def _follow_fall(self, fall: _RembFall, now: float) -> None:
         """Follow a REMB fall the round trips confirmed: one back-off while the queue is small.
 
-        ``measured`` is the part of ``bps`` compared with ``delivered``.  A
-        receiver's AIMD answers overuse with 0.85x what it received; aiortc's
+        A receiver's AIMD answers overuse with 0.85x what it received; aiortc's
         REMB also fell to 0.45x of it with one queue sample 90 ms over the floor
         (threshold 87 ms) and the link's queue empty: a satellite viewer's video
         paused and the 8 %/s rise took 9 s to resume it.  So while the queue is
@@ -464,11 +471,11 @@ class SubscriberAdaptation:
         """
         self.queue_delay.followed(now)
         depth = self.queue_delay.depth(now)
-        small = depth is not None and depth < SMALL_QUEUE_DEPTH
-        if small and delivered is not None:
+        bps, delivered = fall.bps, fall.delivered
+        if depth is not None and depth < SMALL_QUEUE_DEPTH and delivered is not None:
             floor = int(REMB_STEP * delivered)
-            if LINK_DROP_SHARE * delivered <= measured < floor:
-                bps += floor - measured
+            if LINK_DROP_SHARE * delivered <= fall.measured < floor:
+                bps += floor - fall.measured
                 self.rembs_bounded += 1
         self.estimator.on_remb(bps, now)
 

@@ -157,9 +157,9 @@ class QueueDelay:
 
     def followed(self, now: float) -> None:
         """A fall was followed for the queue seen now: the next needs it to grow."""
-        queued = self.queued_s(now)
-        if queued is not None and now - self._samples[-1][0] <= self.stale_s:
-            self._followed_queue = queued
+        base = self._fresh_base_s(now)
+        if base is not None:
+            self._followed_queue = self._queued_above(base)
 
     def _threshold(self, base_s: float) -> float:
         return max(self.threshold_s, self.threshold_share * base_s)

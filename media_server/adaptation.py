@@ -27,7 +27,7 @@ import math
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple, ParamSpec
 
 from . import hooks
 from .allocator import (
@@ -192,6 +192,7 @@ class LadderPool:
 
 
 LayerListener = Callable[[TrackInfo, str | None, Choice], Awaitable[None]]
+_P = ParamSpec("_P")
 
 
 def priced(candidate: VideoCandidate, copies: int) -> VideoCandidate:
@@ -250,6 +251,8 @@ class SubscriberAdaptation:
         self.rembs_bounded = 0  # confirmed falls held at one back-off (a small queue)
         self.audio_mode = AudioMode(label, mixer, on_audio) if mixer is not None else None
         self._on_layer = on_layer
+        # called when RTCP lowered the estimate: the owner runs a tick now (down fast)
+        self.on_fall: Callable[[], None] | None = None
         self._loss: float | None = None  # smoothed over the receiver reports
         self._mix_bps: float | None = None  # the mix's carrier, measured on the wire
         self._last_tick: float | None = None
@@ -314,12 +317,31 @@ class SubscriberAdaptation:
         def nack_filter(lost: list[int]) -> list[int]:
             return self._allow_retransmissions(resent, lost, time.monotonic())
 
+        def on_report(report: hooks.ReceiverReport) -> None:
+            self._on_report(key, report)
+
         return hooks.SenderFeedback(
             on_keyframe_request=downtrack.request_keyframe,
-            on_remb=on_remb,
+            on_remb=self._telling_falls(on_remb),
             nack_filter=nack_filter,
-            on_report=lambda rr: self._on_report(key, rr),
+            on_report=self._telling_falls(on_report),
         )
+
+    def _telling_falls(self, handler: Callable[_P, None]) -> Callable[_P, None]:
+        """``handler``, then :attr:`on_fall` if it lowered the estimate.
+
+        Down fast: a fall is acted on at once, not at the next periodic step
+        (up to :data:`ADAPT_INTERVAL_S` later, on every step of a drop's cascade
+        of cuts); rises wait for the step and its streak.
+        """
+
+        def telling(*args: _P.args, **kwargs: _P.kwargs) -> None:
+            before = self.estimator.decreases
+            handler(*args, **kwargs)
+            if self.estimator.decreases > before and self.on_fall is not None:
+                self.on_fall()
+
+        return telling
 
     def _on_report(self, key: int, report: hooks.ReceiverReport) -> None:
         """Pass a report block on with the number of packets it covers.

@@ -90,6 +90,11 @@ class SubscriberConnection:
         self._awaiting_answer = False
         self._renegotiate = False
         self._closed = False
+        self._speaker: str | None = None  # the room's active speaker, as last told
+        self._adapt_lock = asyncio.Lock()  # one adaptation step at a time
+        self._fall_step: asyncio.Task[None] | None = None
+        if self.adaptation is not None:
+            self.adaptation.on_fall = self._adapt_soon
 
     def __repr__(self) -> str:
         return f"SubscriberConnection({self.participant_id})"
@@ -196,8 +201,22 @@ class SubscriberConnection:
     async def adapt(self, speaker: str | None = None) -> None:
         """One adaptation step (called periodically by the room); ``speaker``: the
         active speaker, whose camera is served first."""
-        if self.adaptation is not None and not self._closed:
-            await self.adaptation.tick(self._slots, speaker=speaker)
+        self._speaker = speaker
+        async with self._adapt_lock:
+            if self.adaptation is not None and not self._closed:
+                await self.adaptation.tick(self._slots, speaker=speaker)
+
+    def _adapt_soon(self) -> None:
+        """The estimate fell: one adaptation step now, not at the room's next one."""
+        if self._closed or (self._fall_step is not None and not self._fall_step.done()):
+            return  # falls of one RTCP packet share a step
+        self._fall_step = asyncio.get_running_loop().create_task(self._fall_adapt())
+
+    async def _fall_adapt(self) -> None:
+        try:
+            await self.adapt(self._speaker)
+        except Exception:
+            logger.exception("%r: adaptation after a fall failed", self)
 
     async def _layer_changed(self, info: TrackInfo, mid: str | None, choice: Choice) -> None:
         video_layer = getattr(self._events, "video_layer", None)
@@ -217,6 +236,8 @@ class SubscriberConnection:
         if self._closed:
             return
         self._closed = True
+        if self._fall_step is not None:
+            self._fall_step.cancel()
         if self.adaptation is not None:
             self.adaptation.close(self._slots)
         for slot in self._slots:

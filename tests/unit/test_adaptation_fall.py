@@ -1,0 +1,78 @@
+"""A fall of the estimate is acted on at once, not at the room's next adaptation step."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any, cast
+
+from aiortc import RTCConfiguration
+
+from media_server import hooks
+from media_server.adaptation import LadderPool, SubscriberAdaptation
+from media_server.downtrack import DownTrack
+from media_server.subscriber import Slot, SubscriberConnection
+
+VIDEO_BPS = 400_000
+
+
+async def _delivering(adaptation: SubscriberAdaptation, seconds: float) -> DownTrack:
+    downtrack = DownTrack("video", "t")
+    slot = Slot("video", downtrack, cast(Any, None))
+    now = time.monotonic()
+    t = now - seconds
+    while t <= now:
+        downtrack.wire_bytes_forwarded += VIDEO_BPS // 8 // 2
+        await adaptation.tick([slot], now=t)
+        t += 0.5
+    return downtrack
+
+
+def _report(lost: float, highest: int) -> hooks.ReceiverReport:
+    return hooks.ReceiverReport(lost, 0, 0, highest, rtt_s=0.2, rtt_sample_s=0.2)
+
+
+async def test_a_loss_cut_tells_the_owner_and_a_clean_report_does_not() -> None:
+    adaptation = SubscriberAdaptation("t", LadderPool(), None)
+    falls: list[int] = []
+    adaptation.on_fall = lambda: falls.append(adaptation.estimator.estimate_bps(time.monotonic()))
+    feedback = adaptation.feedback(await _delivering(adaptation, 4.0))
+    feedback.on_report(_report(0.0, 100))  # the stream's origin
+    feedback.on_report(_report(0.0, 200))
+    assert falls == []
+    feedback.on_report(_report(0.4, 300))  # a queue overflowed: 40 % of 100 packets lost
+    assert len(falls) == 1
+    assert falls[0] < VIDEO_BPS
+
+
+async def test_a_remb_fall_that_is_followed_tells_the_owner() -> None:
+    adaptation = SubscriberAdaptation("t", LadderPool(), None)
+    falls: list[None] = []
+    adaptation.on_fall = lambda: falls.append(None)
+    feedback = adaptation.feedback(await _delivering(adaptation, 8.0))
+    feedback.on_remb(int(VIDEO_BPS * 0.95), [1234])
+    assert falls == []  # not a fall: a receiver a little below what it is sent
+    feedback.on_remb(int(VIDEO_BPS * 0.2), [1234])  # far below what is sent: a link drop
+    assert falls == [None]
+
+
+async def test_a_fall_runs_one_adaptation_step_at_once() -> None:
+    connection = SubscriberConnection("t", RTCConfiguration(), cast(Any, None), LadderPool())
+    adaptation = connection.adaptation
+    assert adaptation is not None and adaptation.on_fall is not None
+    ticks: list[str | None] = []
+
+    async def tick(slots: list[Slot], now: float | None = None, speaker: str | None = None) -> None:
+        ticks.append(speaker)
+        await asyncio.sleep(0.01)
+
+    adaptation.tick = tick  # type: ignore[method-assign]
+    await connection.adapt("speaker")  # the room's periodic step
+    adaptation.on_fall()
+    adaptation.on_fall()  # a second cut from the same RTCP packet shares the step
+    await asyncio.sleep(0.05)
+    assert ticks == ["speaker", "speaker"]
+    adaptation.on_fall()
+    await connection.close()  # a step pending at close is dropped, not run
+    await asyncio.sleep(0.05)
+    assert len(ticks) == 2

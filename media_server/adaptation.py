@@ -7,9 +7,10 @@ Wires the pure pieces (:mod:`estimator`, :mod:`allocator`) to the media path:
   :class:`RungSource` makes a rung look like a DownTrack source.
 * :class:`SubscriberAdaptation` — one per subscriber connection: collects the
   subscriber's REMB, receiver reports and delivered bytes into a
-  BandwidthEstimator, and every :data:`ADAPT_INTERVAL_S` asks the Allocator what
-  each watched video should get, then switches the DownTracks (make before
-  break, on a keyframe) and tells the client.
+  BandwidthEstimator, and every :data:`ADAPT_INTERVAL_S` (and at once when the
+  estimate falls, through :attr:`SubscriberAdaptation.on_fall`) asks the
+  Allocator what each watched video should get, then switches the DownTracks
+  (make before break, on a keyframe) and tells the client.
 
 Without evidence of congestion the estimate starts at its ceiling: a viewer on a
 good link is never moved off the original stream just because aiortc cannot
@@ -513,8 +514,26 @@ class SubscriberAdaptation:
     async def tick(
         self, slots: list[Slot], now: float | None = None, speaker: str | None = None
     ) -> None:
-        """One decision; ``speaker``: the room's active speaker (its camera goes first)."""
+        """The periodic step: measure what was sent since the last one, then decide.
+
+        ``speaker``: the room's active speaker (its camera goes first).
+        """
         now = time.monotonic() if now is None else now
+        self._account(slots, now)
+        await self._decide(slots, now, speaker)
+
+    async def react(self, slots: list[Slot], speaker: str | None = None) -> None:
+        """The estimate fell: decide again now, on what the last periodic step measured.
+
+        Not a measurement: rates taken over the few milliseconds since that
+        step are noise (two copies of one audio packet read as 200 kbit/s and
+        took the whole budget), and a video that sent nothing in them is not
+        idle.
+        """
+        await self._decide(slots, time.monotonic(), speaker)
+
+    def _account(self, slots: list[Slot], now: float) -> None:
+        """What each DownTrack sent since the last periodic step."""
         delivered = video = 0
         active: set[int] = set()
         carrier = self.audio_mode.carrier if self.audio_mode is not None else None
@@ -531,6 +550,8 @@ class SubscriberAdaptation:
                 self._idle_since.pop(key, None)
             elif now - self._idle_since.setdefault(key, now) >= STALE_AFTER_IDLE_S:
                 self._stale.add(key)
+            if slot.info is not None and slot.forwarder is not None:
+                self._measure(slot.forwarder, now)
             if slot is carrier and self._last_tick is not None and now > self._last_tick:
                 bps = 8 * step / (now - self._last_tick)
                 self._mix_bps = bps if self._mix_bps is None else 0.7 * self._mix_bps + 0.3 * bps
@@ -544,6 +565,9 @@ class SubscriberAdaptation:
             self._delivering_since = now
         self.estimator.on_delivered(delivered, now)
         self.estimator.rise_limit_bps = self._rise_limit(now, video > 0)
+
+    async def _decide(self, slots: list[Slot], now: float, speaker: str | None) -> None:
+        """Estimate -> audio first -> each video's layer, applied."""
         estimate = self.estimator.estimate_bps(now)
         if estimate < self._last_estimate * 0.9:
             logger.info(
@@ -556,10 +580,10 @@ class SubscriberAdaptation:
             if slot.info is None or slot.forwarder is None:
                 continue
             if slot.info.kind == "audio":
-                rate = self._measure(slot.forwarder, now)
+                rate = self._original_bps.get(slot.forwarder.info.id)
                 originals.append(AUDIO_BPS if rate is None else max(AUDIO_MIN_BPS, int(rate)))
                 continue
-            videos.append((slot, self._candidate(slot.forwarder, now, speaker)))
+            videos.append((slot, self._candidate(slot.forwarder, speaker)))
         audio_reserve = await self._audio(estimate, originals, slots)
         self._audio_reserve = audio_reserve
         mixing = self.audio_mode is not None and self.audio_mode.mixing
@@ -630,8 +654,8 @@ class SubscriberAdaptation:
         await mode.apply(plan, slots)
         return plan.reserve_bps
 
-    def _measure(self, forwarder: Forwarder, now: float) -> float | None:
-        """The published track's rate on the wire (smoothed), None until measured."""
+    def _measure(self, forwarder: Forwarder, now: float) -> None:
+        """The published track's rate on the wire, smoothed over the periodic steps."""
         track_id = forwarder.info.id
         last = self._last_packet_bytes.get(track_id)
         self._last_packet_bytes[track_id] = (now, forwarder.wire_bytes)
@@ -639,13 +663,10 @@ class SubscriberAdaptation:
             rate = (forwarder.wire_bytes - last[1]) * 8 / (now - last[0])
             prev = self._original_bps.get(track_id)
             self._original_bps[track_id] = rate if prev is None else 0.7 * prev + 0.3 * rate
-        return self._original_bps.get(track_id)
 
-    def _candidate(
-        self, forwarder: Forwarder, now: float, speaker: str | None = None
-    ) -> VideoCandidate:
+    def _candidate(self, forwarder: Forwarder, speaker: str | None = None) -> VideoCandidate:
         info = forwarder.info
-        original = int(max(self._measure(forwarder, now) or 0.0, MIN_ORIGINAL_BPS))
+        original = int(max(self._original_bps.get(info.id, 0.0), MIN_ORIGINAL_BPS))
         current = self.layers.get(info.id)  # the viewer's rung stays offered
         layers = [Layer(ORIGINAL, original)]
         layers += [

@@ -214,7 +214,9 @@ class SubscriberConnection:
 
     async def _fall_adapt(self) -> None:
         try:
-            await self.adapt(self._speaker)
+            async with self._adapt_lock:
+                if self.adaptation is not None and not self._closed:
+                    await self.adaptation.react(self._slots, speaker=self._speaker)
         except Exception:
             logger.exception("%r: adaptation after a fall failed", self)
 

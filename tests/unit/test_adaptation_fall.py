@@ -6,11 +6,13 @@ import asyncio
 import time
 from typing import Any, cast
 
-from aiortc import RTCConfiguration
+from aiortc import RTCConfiguration, VideoStreamTrack
 
 from media_server import hooks
 from media_server.adaptation import LadderPool, SubscriberAdaptation
+from media_server.allocator import ORIGINAL
 from media_server.downtrack import DownTrack
+from media_server.forwarder import Forwarder, TrackInfo
 from media_server.subscriber import Slot, SubscriberConnection
 
 VIDEO_BPS = 400_000
@@ -66,13 +68,40 @@ async def test_a_fall_runs_one_adaptation_step_at_once() -> None:
         ticks.append(speaker)
         await asyncio.sleep(0.01)
 
+    async def react(slots: list[Slot], speaker: str | None = None) -> None:
+        ticks.append(f"fall, {speaker}")
+        await asyncio.sleep(0.01)
+
     adaptation.tick = tick  # type: ignore[method-assign]
+    adaptation.react = react  # type: ignore[method-assign]
     await connection.adapt("speaker")  # the room's periodic step
     adaptation.on_fall()
     adaptation.on_fall()  # a second cut from the same RTCP packet shares the step
     await asyncio.sleep(0.05)
-    assert ticks == ["speaker", "speaker"]
+    assert ticks == ["speaker", "fall, speaker"]
     adaptation.on_fall()
     await connection.close()  # a step pending at close is dropped, not run
     await asyncio.sleep(0.05)
     assert len(ticks) == 2
+
+
+async def test_a_step_after_a_fall_decides_on_what_the_periodic_step_measured() -> None:
+    """Rates over the milliseconds since the last step are noise, not a measurement."""
+    adaptation = SubscriberAdaptation("t", LadderPool(), None)
+    info = TrackInfo("pub:camera", "pub", "video", "camera")
+    forwarder = Forwarder(info, VideoStreamTrack(), None)
+    slot = Slot("video", DownTrack("video", "t"), cast(Any, None), info, forwarder)
+    t = time.monotonic() - 1.0
+    for step in range(3):  # 400 kbit/s, measured every 0.5 s
+        forwarder.wire_bytes += VIDEO_BPS // 8 // 2
+        slot.downtrack.wire_bytes_forwarded += VIDEO_BPS // 8 // 2
+        await adaptation.tick([slot], now=t + 0.5 * step)
+    measured = adaptation._original_bps[info.id]
+    later = time.monotonic() + 0.2
+    delivered = adaptation.estimator.delivered_bps(later)
+    forwarder.wire_bytes += 50_000  # a keyframe, a few milliseconds after the step
+    slot.downtrack.wire_bytes_forwarded += 50_000
+    await adaptation.react([slot])
+    assert adaptation._original_bps[info.id] == measured
+    assert adaptation.estimator.delivered_bps(later) == delivered
+    assert adaptation.layers.get(info.id, ORIGINAL) == ORIGINAL  # decided: nothing to cut

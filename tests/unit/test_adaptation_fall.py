@@ -14,20 +14,7 @@ from media_server.allocator import ORIGINAL
 from media_server.downtrack import DownTrack
 from media_server.forwarder import Forwarder, TrackInfo
 from media_server.subscriber import Slot, SubscriberConnection
-
-VIDEO_BPS = 400_000
-
-
-async def _delivering(adaptation: SubscriberAdaptation, seconds: float) -> DownTrack:
-    downtrack = DownTrack("video", "t")
-    slot = Slot("video", downtrack, cast(Any, None))
-    now = time.monotonic()
-    t = now - seconds
-    while t <= now:
-        downtrack.wire_bytes_forwarded += VIDEO_BPS // 8 // 2
-        await adaptation.tick([slot], now=t)
-        t += 0.5
-    return downtrack
+from tests.unit.test_adaptation_remb import VIDEO_BPS, adaptation_delivering
 
 
 def _report(lost: float, highest: int) -> hooks.ReceiverReport:
@@ -35,10 +22,10 @@ def _report(lost: float, highest: int) -> hooks.ReceiverReport:
 
 
 async def test_a_loss_cut_tells_the_owner_and_a_clean_report_does_not() -> None:
-    adaptation = SubscriberAdaptation("t", LadderPool(), None)
+    adaptation, downtrack = await adaptation_delivering(4.0)
     falls: list[int] = []
     adaptation.on_fall = lambda: falls.append(adaptation.estimator.estimate_bps(time.monotonic()))
-    feedback = adaptation.feedback(await _delivering(adaptation, 4.0))
+    feedback = adaptation.feedback(downtrack)
     feedback.on_report(_report(0.0, 100))  # the stream's origin
     feedback.on_report(_report(0.0, 200))
     assert falls == []
@@ -48,10 +35,10 @@ async def test_a_loss_cut_tells_the_owner_and_a_clean_report_does_not() -> None:
 
 
 async def test_a_remb_fall_that_is_followed_tells_the_owner() -> None:
-    adaptation = SubscriberAdaptation("t", LadderPool(), None)
+    adaptation, downtrack = await adaptation_delivering(8.0)
     falls: list[None] = []
     adaptation.on_fall = lambda: falls.append(None)
-    feedback = adaptation.feedback(await _delivering(adaptation, 8.0))
+    feedback = adaptation.feedback(downtrack)
     feedback.on_remb(int(VIDEO_BPS * 0.95), [1234])
     assert falls == []  # not a fall: a receiver a little below what it is sent
     feedback.on_remb(int(VIDEO_BPS * 0.2), [1234])  # far below what is sent: a link drop

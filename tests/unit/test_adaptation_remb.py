@@ -14,7 +14,7 @@ from media_server.subscriber import Slot
 VIDEO_BPS = 400_000
 
 
-async def _adaptation_delivering(seconds: float) -> tuple[SubscriberAdaptation, DownTrack]:
+async def adaptation_delivering(seconds: float) -> tuple[SubscriberAdaptation, DownTrack]:
     """A subscriber that was sent VIDEO_BPS of video for ``seconds`` up to now."""
     adaptation = SubscriberAdaptation("t", LadderPool(), None)
     downtrack = DownTrack("video", "t")
@@ -29,7 +29,7 @@ async def _adaptation_delivering(seconds: float) -> tuple[SubscriberAdaptation, 
 
 
 async def test_a_per_stream_remb_falling_below_the_video_delivered_is_followed() -> None:
-    adaptation, downtrack = await _adaptation_delivering(8.0)
+    adaptation, downtrack = await adaptation_delivering(8.0)
     before = adaptation.estimator.estimate_bps(time.monotonic())
     feedback = adaptation.feedback(downtrack)
     feedback.on_remb(int(VIDEO_BPS * 0.95), [1234])
@@ -40,14 +40,14 @@ async def test_a_per_stream_remb_falling_below_the_video_delivered_is_followed()
 
 
 async def test_a_per_stream_remb_a_little_below_what_is_sent_is_not_congestion() -> None:
-    adaptation, downtrack = await _adaptation_delivering(8.0)
+    adaptation, downtrack = await adaptation_delivering(8.0)
     before = adaptation.estimator.estimate_bps(time.monotonic())
     adaptation.feedback(downtrack).on_remb(int(VIDEO_BPS * 0.95), [1234])
     assert adaptation.estimator.estimate_bps(time.monotonic()) == before
 
 
 async def test_remb_during_warm_up_is_ignored() -> None:
-    adaptation, downtrack = await _adaptation_delivering(3.0)
+    adaptation, downtrack = await adaptation_delivering(3.0)
     before = adaptation.estimator.estimate_bps(time.monotonic())
     adaptation.feedback(downtrack).on_remb(50_000, [1234])
     assert adaptation.estimator.estimate_bps(time.monotonic()) == before
@@ -55,7 +55,7 @@ async def test_remb_during_warm_up_is_ignored() -> None:
 
 async def test_a_remb_ramping_up_from_its_start_value_is_not_congestion() -> None:
     """libwebrtc starts low and climbs: below what we send, but rising."""
-    adaptation, downtrack = await _adaptation_delivering(8.0)
+    adaptation, downtrack = await adaptation_delivering(8.0)
     before = adaptation.estimator.estimate_bps(time.monotonic())
     feedback = adaptation.feedback(downtrack)
     for share in (0.5, 0.55, 0.6, 0.7):
@@ -69,7 +69,7 @@ def _report(rtt_sample: float, highest: int) -> hooks.ReceiverReport:
 
 async def test_a_remb_fall_that_round_trips_do_not_confirm_is_not_followed() -> None:
     """Satellite jitter makes delay-based detectors fire with no queue: not congestion."""
-    adaptation, downtrack = await _adaptation_delivering(8.0)
+    adaptation, downtrack = await adaptation_delivering(8.0)
     feedback = adaptation.feedback(downtrack)
     for i, rtt in enumerate([0.60, 0.62, 0.59, 0.61]):  # a steady 600 ms link
         feedback.on_report(_report(rtt, 100 * (i + 1)))
@@ -85,7 +85,7 @@ async def test_a_remb_fall_that_round_trips_do_not_confirm_is_not_followed() -> 
 
 
 async def test_a_remb_fall_with_a_grown_round_trip_is_followed_at_once() -> None:
-    adaptation, downtrack = await _adaptation_delivering(8.0)
+    adaptation, downtrack = await adaptation_delivering(8.0)
     feedback = adaptation.feedback(downtrack)
     for i, rtt in enumerate([0.05, 0.05, 0.05, 0.4, 0.4]):  # 350 ms of queue
         feedback.on_report(_report(rtt, 100 * (i + 1)))
@@ -97,7 +97,7 @@ async def test_a_remb_fall_with_a_grown_round_trip_is_followed_at_once() -> None
 
 async def test_a_small_queue_confirms_one_back_off_not_a_deeper_fall() -> None:
     """Satellite: one sample pair 100 ms over the floor, aiortc's REMB at 0.45x."""
-    adaptation, downtrack = await _adaptation_delivering(8.0)
+    adaptation, downtrack = await adaptation_delivering(8.0)
     feedback = adaptation.feedback(downtrack)
     for i, rtt in enumerate([0.60, 0.61, 0.59, 0.69, 0.69]):
         feedback.on_report(_report(rtt, 100 * (i + 1)))
@@ -117,7 +117,7 @@ async def test_a_small_queue_confirms_one_back_off_not_a_deeper_fall() -> None:
 
 async def test_a_remb_far_below_what_is_sent_is_a_link_drop_followed_in_full() -> None:
     """LAN -> 3G: the first round trips show 80 ms while the receiver gets a sixth."""
-    adaptation, downtrack = await _adaptation_delivering(8.0)
+    adaptation, downtrack = await adaptation_delivering(8.0)
     feedback = adaptation.feedback(downtrack)
     for i, rtt in enumerate([0.002, 0.002, 0.003, 0.085, 0.085]):
         feedback.on_report(_report(rtt, 100 * (i + 1)))
@@ -129,7 +129,7 @@ async def test_a_remb_far_below_what_is_sent_is_a_link_drop_followed_in_full() -
 
 async def test_one_queue_answers_one_remb_fall_unless_it_grows() -> None:
     """After a step in delay aiortc's REMB falls at every report: one cut, not five."""
-    adaptation, downtrack = await _adaptation_delivering(8.0)
+    adaptation, downtrack = await adaptation_delivering(8.0)
     feedback = adaptation.feedback(downtrack)
     for i, rtt in enumerate([0.15, 0.15, 0.15, 0.6, 0.6]):  # 450 ms more than a moment ago
         feedback.on_report(_report(rtt, 100 * (i + 1)))
@@ -147,7 +147,7 @@ async def test_one_queue_answers_one_remb_fall_unless_it_grows() -> None:
 
 
 async def test_a_flat_round_trip_with_heavy_loss_is_a_full_queue_not_a_new_link() -> None:
-    adaptation, downtrack = await _adaptation_delivering(8.0)
+    adaptation, downtrack = await adaptation_delivering(8.0)
     feedback = adaptation.feedback(downtrack)
     start = time.monotonic()
     for i in range(8):  # 3G's round trips, 6 to 2.5 s ago
@@ -164,7 +164,7 @@ async def test_a_flat_round_trip_with_heavy_loss_is_a_full_queue_not_a_new_link(
 
 
 async def test_on_a_lossy_long_rtt_link_the_rise_stops_at_1_5x_what_is_delivered() -> None:
-    adaptation, downtrack = await _adaptation_delivering(8.0)
+    adaptation, downtrack = await adaptation_delivering(8.0)
     assert adaptation.estimator.rise_limit_bps is None  # a clean, short link: no limit
     adaptation.video_repeat.decide(0.02, 0.6, 0, 45_000)  # satellite: lossy, 600 ms
     slot = Slot("video", downtrack, cast(Any, None))
@@ -176,7 +176,7 @@ async def test_on_a_lossy_long_rtt_link_the_rise_stops_at_1_5x_what_is_delivered
 
 async def test_a_shorter_path_starts_the_estimate_again() -> None:
     """EDGE -> LAN: the estimate left at the 40 kbit/s floor is about a path that is gone."""
-    adaptation, downtrack = await _adaptation_delivering(8.0)
+    adaptation, downtrack = await adaptation_delivering(8.0)
     on_report = adaptation.feedback(downtrack).on_report
     adaptation.estimator.on_remb(40_000, time.monotonic())
     for i in range(5):

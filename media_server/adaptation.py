@@ -252,7 +252,7 @@ class SubscriberAdaptation:
         self.rembs_bounded = 0  # confirmed falls held at one back-off (a small queue)
         self.audio_mode = AudioMode(label, mixer, on_audio) if mixer is not None else None
         self._on_layer = on_layer
-        # called when RTCP lowered the estimate: the owner runs a tick now (down fast)
+        # called when RTCP lowered the estimate: the owner calls react() now (down fast)
         self.on_fall: Callable[[], None] | None = None
         self._loss: float | None = None  # smoothed over the receiver reports
         self._mix_bps: float | None = None  # the mix's carrier, measured on the wire

@@ -31,10 +31,13 @@ Rule (:class:`VideoRepeat`, pure, called once per adaptation tick):
   hop alone is ~600 ms.  The cost: a path of 300-550 ms (a long terrestrial
   route, a bloated cellular buffer) is repaired by NACK alone, ~0.4-0.6 s a
   lost packet;
+  The budget must cover it with ``on_budget_share`` (15 %) to spare;
 * **off** once the loss falls below ``off_loss`` (0.4 %), the round trip
-  below ``off_rtt_s`` (200 ms), or the budget below ``off_budget_share``
-  (85 %) of the cheapest rung twice: a single copy of a small picture beats a
-  paused one;
+  below ``off_rtt_s`` (200 ms), or the budget below the cheapest rung twice:
+  a single copy of a small picture beats a paused one.  (Copies once kept
+  down to 85 % of it: a video coming down from a higher rung then found no
+  rung whose two copies fit and paused, with one copy of the cheapest rung
+  affordable; a satellite viewer saw audio only for 5 s.)
 * without a loss or a round-trip figure the state is kept.
 """
 
@@ -49,7 +52,7 @@ class RepeatConfig:
     off_loss: float = 0.004
     on_rtt_s: float = 0.55
     off_rtt_s: float = 0.2
-    off_budget_share: float = 0.85
+    on_budget_share: float = 1.15  # x the cheapest rung twice, to start the copies
     copies: int = 2
 
     def __post_init__(self) -> None:
@@ -57,8 +60,8 @@ class RepeatConfig:
             raise ValueError("need 0 <= off_loss <= on_loss")
         if not 0 <= self.off_rtt_s <= self.on_rtt_s:
             raise ValueError("need 0 <= off_rtt_s <= on_rtt_s")
-        if not 0 < self.off_budget_share <= 1:
-            raise ValueError("off_budget_share must be in (0, 1]")
+        if self.on_budget_share < 1:
+            raise ValueError("on_budget_share must be >= 1")
         if self.copies < 2:
             raise ValueError("copies must be >= 2")
 
@@ -112,7 +115,7 @@ class VideoRepeat:
         on = False
         if self._link and cheapest_rung_bps is not None and cheapest_rung_bps > 0:
             doubled = cfg.copies * cheapest_rung_bps
-            on = video_budget_bps >= (cfg.off_budget_share * doubled if self._on else doubled)
+            on = video_budget_bps >= (doubled if self._on else cfg.on_budget_share * doubled)
         if on != self._on:
             self._on = on
             self.changes += 1

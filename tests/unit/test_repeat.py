@@ -11,7 +11,7 @@ RUNG = 45_000  # the cheapest rung, one copy on the wire
 
 def test_a_satellite_link_with_room_for_two_copies_gets_them() -> None:
     rule = VideoRepeat()
-    assert rule.decide(0.02, 0.6, 2 * RUNG, RUNG) == 2
+    assert rule.decide(0.02, 0.6, 2.4 * RUNG, RUNG) == 2
     assert rule.link_needs
 
 
@@ -39,10 +39,19 @@ def test_without_room_for_two_copies_the_picture_goes_once() -> None:
     rule = VideoRepeat()
     assert rule.decide(0.02, 0.6, 1.5 * RUNG, RUNG) == 1
     assert rule.link_needs  # it would pay: the audio rule leaves room next time
+    assert rule.decide(0.02, 0.6, 2 * RUNG, RUNG) == 1  # two copies and nothing to spare
+    assert rule.decide(0.02, 0.6, 1.15 * 2 * RUNG, RUNG) == 2
+    # a dip that still covers both copies keeps them
     assert rule.decide(0.02, 0.6, 2 * RUNG, RUNG) == 2
-    # a dip inside the dead band keeps the copies, a deeper one stops them
-    assert rule.decide(0.02, 0.6, 0.9 * 2 * RUNG, RUNG) == 2
-    assert rule.decide(0.02, 0.6, 0.8 * 2 * RUNG, RUNG) == 1
+
+
+def test_two_copies_stop_as_soon_as_they_no_longer_fit() -> None:
+    """A video coming down from a higher rung finds no rung whose two copies fit:
+    with copies on it would pause, while one copy of the cheapest rung fits."""
+    rule = VideoRepeat()
+    assert rule.decide(0.02, 0.6, 4 * RUNG, RUNG) == 2
+    assert rule.decide(0.02, 0.6, 0.95 * 2 * RUNG, RUNG) == 1
+    assert rule.decide(0.02, 0.6, 2.2 * RUNG, RUNG) == 1  # not back within the band
 
 
 def test_hysteresis_on_loss_and_round_trip() -> None:
@@ -68,3 +77,5 @@ def test_config_is_checked() -> None:
         RepeatConfig(copies=1)
     with pytest.raises(ValueError):
         RepeatConfig(on_rtt_s=0.2, off_rtt_s=0.3)
+    with pytest.raises(ValueError):
+        RepeatConfig(on_budget_share=0.9)

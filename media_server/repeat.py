@@ -19,8 +19,9 @@ Rule (:class:`VideoRepeat`, pure, called once per adaptation tick):
   once; a repeated stream's receiver reports hide the loss) is at least
   ``on_loss`` (1 %) and the round trip at least ``on_rtt_s`` (550 ms; the
   adaptation passes the floor of the last 3 s of round trips), and the video
-  budget (the estimate after audio) covers the cheapest rung twice.  A queue
-  on a congested terrestrial link lifts that floor too: in the weak-link
+  budget (the estimate after audio) covers the cheapest rung twice with
+  ``on_budget_share`` (15 %) to spare.  A queue on a congested terrestrial
+  link lifts the round trips' floor too: in the weak-link
   benchmark 3G's 400 ms drop-tail queue held it at 0.31-0.50 s for up to
   4.5 s after a drop or an overshoot, and with a 300 ms threshold the video
   went twice and the doubled price moved a rung once more (3G convergence
@@ -31,7 +32,6 @@ Rule (:class:`VideoRepeat`, pure, called once per adaptation tick):
   hop alone is ~600 ms.  The cost: a path of 300-550 ms (a long terrestrial
   route, a bloated cellular buffer) is repaired by NACK alone, ~0.4-0.6 s a
   lost packet;
-  The budget must cover it with ``on_budget_share`` (15 %) to spare;
 * **off** once the loss falls below ``off_loss`` (0.4 %), the round trip
   below ``off_rtt_s`` (200 ms), or the budget below the cheapest rung twice:
   a single copy of a small picture beats a paused one.  (Copies once kept

@@ -89,6 +89,31 @@ def test_recovery_waits_two_seconds_then_climbs_at_most_8_percent_a_second() -> 
     assert est.snapshot(20.0).state == "increase"
 
 
+def _after_a_cut(remb_at: float) -> BandwidthEstimator:
+    """A 1 Mbit/s REMB passed on at ``remb_at``, a 90 % loss cut at t=10 (-> 550 kbit/s),
+    then clean reports every 0.5 s up to 13.5 s (the rise may start at 12.5 s)."""
+    est = BandwidthEstimator(
+        EstimatorConfig(initial_bps=1_000_000, remb_recovery_fraction=0.7, remb_recovery_per_s=0.5)
+    )
+    est.on_remb(1_000_000, remb_at)
+    est.on_receiver_report(0.9, 0.1, 10.0)
+    assert est.estimate_bps(10.0) == 550_000
+    for t in frange(10.5, 13.5, 0.5):
+        est.on_receiver_report(0.0, 0.1, t)
+    return est
+
+
+def test_a_clean_link_climbs_back_quickly_to_a_share_of_a_fresh_remb() -> None:
+    est = _after_a_cut(remb_at=9.0)
+    # one second at +50 %/s reaches 70 % of the REMB
+    assert est.estimate_bps(13.5) == pytest.approx(700_000, rel=0.01)
+
+
+def test_an_old_remb_is_no_target_for_the_quick_climb() -> None:
+    est = _after_a_cut(remb_at=4.0)  # 8.5 s before the rise: another moment of the link
+    assert est.estimate_bps(13.5) <= 550_000 * 1.08 + 2  # the slow rise only
+
+
 def test_increase_never_passes_remb_or_ceiling() -> None:
     cfg = EstimatorConfig(initial_bps=500_000, ceiling_bps=2_000_000)
     est = BandwidthEstimator(cfg)

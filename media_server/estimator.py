@@ -295,8 +295,9 @@ class BandwidthEstimator:
 
     def _cap(self, now: float) -> float:
         cap = float(self.config.ceiling_bps)
-        if self._remb is not None and now - self._remb_at <= self.config.remb_max_age_s:
-            cap = min(cap, max(float(self.config.floor_bps), float(self._remb)))
+        remb = self._fresh_remb(now)
+        if remb is not None:
+            cap = min(cap, max(float(self.config.floor_bps), float(remb)))
         if self.rise_limit_bps is not None:
             cap = min(cap, max(float(self.config.floor_bps), self.rise_limit_bps))
         return cap
@@ -367,9 +368,16 @@ class BandwidthEstimator:
         the 64 kbit/s link's queue for 6 s.
         """
         fraction = self.config.remb_recovery_fraction
-        if fraction <= 0 or self._remb is None or now - self._remb_at > self.config.remb_max_age_s:
+        remb = self._fresh_remb(now)
+        if fraction <= 0 or remb is None:
             return None
-        return fraction * self._remb
+        return fraction * remb
+
+    def _fresh_remb(self, now: float) -> int | None:
+        """The last REMB passed on, if at most ``remb_max_age_s`` old."""
+        if self._remb is None or now - self._remb_at > self.config.remb_max_age_s:
+            return None
+        return self._remb
 
     def _expire(self, now: float) -> None:
         horizon = now - self.config.delivered_window_s

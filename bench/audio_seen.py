@@ -14,9 +14,11 @@ and queue (aiortc puts abs-send-time on video only).
 * a **mix** packet counts for every mixed publisher: ``frame_ms / 20`` slots
   each.  Within one ``audio_mode`` period the carrier's timestamps lie on one
   grid of ``frame_ms`` (a new period rebinds and rebases), so a lost mix frame
-  is a missing grid point.  The grid is anchored on the shortest send delay;
-  a frame within one frame of either end of the period counts only if it
-  arrived (the mixer's first and last frames may or may not exist).
+  is a missing grid point.  The grid is the one most of the period's packets
+  share (a straggler of the previous mix may come first), anchored on the
+  shortest send delay; a frame within one frame of either end of the period
+  counts only if it arrived (the mixer's first and last frames may or may not
+  exist).
 
 A publisher's original slots are expected only outside its mix periods, so a
 phase that switches to the mix loses nothing by switching.  Duplicated mix
@@ -26,6 +28,7 @@ packets (``copies`` 2: same timestamp) count once.
 from __future__ import annotations
 
 import math
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -190,7 +193,7 @@ def mix_phase(segment: MixSegment, t0: float, t1: float) -> tuple[int, int, floa
     if not segment.packets:
         frames = int((hi - lo) / frame_s)
         return frames, 0, frames * frame_s * 1000, []
-    ref = segment.packets[0][2]
+    ref = _grid_reference(segment.packets, ticks)
     grid: dict[int, float] = {}  # frame index -> send time
     for _, sent, ts in segment.packets:
         j = ts_delta(ts, ref) / ticks
@@ -215,6 +218,15 @@ def mix_phase(segment: MixSegment, t0: float, t1: float) -> tuple[int, int, floa
             missing.append(True)
     arrivals = [a for a, _, _ in segment.packets if t0 <= a <= t1]
     return expected, received, _longest_run(missing) * frame_s * 1000, arrivals
+
+
+def _grid_reference(packets: Sequence[tuple[float, float, int]], ticks: int) -> int:
+    """A timestamp on the grid most of the period's packets share.  The first packet
+    is no safe anchor: at a change of mix a straggler of the previous mix can leave
+    the server just after the new period began, on another grid."""
+    first = packets[0][2]
+    phases = Counter(ts_delta(ts, first) % ticks for _, _, ts in packets)
+    return (first + phases.most_common(1)[0][0]) % _WRAP
 
 
 def mix_timestamp_jumps(segment: MixSegment, slack_s: float = 0.5) -> list[tuple[float, float]]:

@@ -36,3 +36,12 @@ def test_a_forward_jump_reads_as_a_hole_and_is_flagged() -> None:
 
 def test_an_off_grid_step_is_flagged() -> None:
     assert len(mix_timestamp_jumps(_segment(50, TICKS // 2))) == 1
+
+
+def test_a_straggler_of_the_previous_mix_does_not_move_the_grid() -> None:
+    segment = _segment(None, 0)
+    # a packet of the previous mix left the server just after this period began and
+    # arrived first; its timestamp is 0.019 s off this mix's grid
+    segment.packets.insert(0, (1.3, 1.0005, 1000 - 912))
+    expected, received, hole, _ = mix_phase(segment, 0.0, 20.0)
+    assert expected >= 299 and received == expected and hole == 0.0

@@ -52,6 +52,7 @@ from .ladder import DEFAULT_RUNGS, RUNG_MAX_FRACTION, Ladder, Rung, usable_rungs
 from .packet import wire_bps
 from .queuedelay import QueueDelay
 from .repeat import VideoRepeat
+from .stepmemory import StepMemory
 
 if TYPE_CHECKING:
     from .subscriber import Slot
@@ -247,6 +248,9 @@ class SubscriberAdaptation:
         self.audio_rule = AudioRule()
         self.video_repeat = VideoRepeat()
         self.queue_delay = QueueDelay()
+        self.step_memory = StepMemory()
+        self._spend = 0  # what the last allocation's videos cost
+        self._decreases_seen = 0
         self._suspect_remb: _RembFall | None = None  # a fall no queue confirmed yet
         self.rembs_unconfirmed = 0
         self.rembs_bounded = 0  # confirmed falls held at one back-off (a small queue)
@@ -390,6 +394,7 @@ class SubscriberAdaptation:
             self.queue_delay.add(report.rtt_sample_s, now, None if age is None else now - age)
             if self.queue_delay.faster_links > faster:  # a shorter path: start again
                 self.estimator.on_new_path(NEW_PATH_START_BPS, now)
+                self.step_memory.forget()
                 logger.info("%r: a shorter path, the estimate starts again", self)
             suspect = self._suspect_remb
             if suspect is not None and now - suspect.at <= SUSPECT_REMB_S:
@@ -575,6 +580,9 @@ class SubscriberAdaptation:
                 "%r: estimate %d -> %r", self, self._last_estimate, self.estimator.snapshot(now)
             )
         self._last_estimate = estimate
+        if self.estimator.decreases != self._decreases_seen:
+            self._decreases_seen = self.estimator.decreases
+            self.step_memory.cut(now)
         videos: list[tuple[Slot, VideoCandidate]] = []
         originals: list[int] = []
         for slot in slots:
@@ -607,6 +615,18 @@ class SubscriberAdaptation:
             if choice is not None:
                 await self._apply(slot, choice)
                 self._repeat(slot, copies if choice.layer not in (ORIGINAL, PAUSED) else 1)
+        self._remember_step(sum(c.bitrate for c in choices.values()), now)
+
+    def _remember_step(self, spend: int, now: float) -> None:
+        """Tell the step memory when the videos got dearer on a lossy long-RTT link
+        (not a resume from all paused: the lowest rung is the probe there)."""
+        previous, self._spend = self._spend, spend
+        if not self.video_repeat.link_needs:
+            self.step_memory.forget()
+            return
+        delivered = self.estimator.delivered_bps(now)
+        if 0 < previous < spend and delivered is not None:
+            self.step_memory.stepped_up(delivered, now)
 
     def _rise_limit(self, now: float, video_flowing: bool) -> float | None:
         """On a lossy long-RTT link, no rise past 1.5x what was delivered + 10 kbit/s.
@@ -615,13 +635,18 @@ class SubscriberAdaptation:
         loss rule lets the estimate climb 8 %/s: to 700 kbit/s on a 300 kbit/s
         satellite link, until a second video filled the 500 ms queue and a 62 %
         loss cut paused everything.  The limit is libwebrtc's clamp on its own
-        REMB (1.5x what it receives): every rung step still fits.  Not while all
-        video is paused: resuming the lowest rung is the probe.
+        REMB (1.5x what it receives): every rung step still fits.  After a step
+        up that overfilled the link, no higher than a little above what it carried
+        before the step, for a while (:mod:`stepmemory`).  Not while all video is
+        paused: resuming the lowest rung is the probe.
         """
         if not (self.video_repeat.link_needs and video_flowing):
             return None
         delivered = self.estimator.delivered_bps(now)
-        return None if delivered is None else RISE_LIMIT_FACTOR * delivered + RISE_LIMIT_ADD_BPS
+        limits = [self.step_memory.limit_bps(now)]
+        if delivered is not None:
+            limits.append(RISE_LIMIT_FACTOR * delivered + RISE_LIMIT_ADD_BPS)
+        return min((limit for limit in limits if limit is not None), default=None)
 
     def _repeat(self, slot: Slot, copies: int) -> None:
         """Send every packet of ``slot`` ``copies`` times from now on."""

@@ -239,6 +239,8 @@ class MediaRoom:
                 **p.subscriber.adaptation.queue_delay.snapshot(now),
                 "rembs_unconfirmed": p.subscriber.adaptation.rembs_unconfirmed,
                 "rembs_bounded": p.subscriber.adaptation.rembs_bounded,
+                "failed_steps": p.subscriber.adaptation.step_memory.failed_steps,
+                "rise_limit_bps": p.subscriber.adaptation.estimator.rise_limit_bps,
             }
             for p in self.participants.values()
             if p.subscriber is not None and p.subscriber.adaptation is not None

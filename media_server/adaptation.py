@@ -390,8 +390,7 @@ class SubscriberAdaptation:
             self.queue_delay.heavy_loss(now)
         if not idle and report.rtt_sample_s is not None:
             faster = self.queue_delay.faster_links
-            age = report.sample_sr_age_s
-            self.queue_delay.add(report.rtt_sample_s, now, None if age is None else now - age)
+            self.queue_delay.add(report.rtt_sample_s, now)
             if self.queue_delay.faster_links > faster:  # a shorter path: start again
                 self.estimator.on_new_path(NEW_PATH_START_BPS, now)
                 self.step_memory.forget()
@@ -598,11 +597,11 @@ class SubscriberAdaptation:
         mixing = self.audio_mode is not None and self.audio_mode.mixing
         rungs = [layer.bitrate for _, c in videos for layer in c.layers if layer.name != ORIGINAL]
         # the link's own round trip (the floor of the last seconds' samples), not one a
-        # queue inflated: repeating into congestion would only add to it; without a
-        # recent sample the choice stands
+        # queue inflated: repeating into congestion would only add to it
+        floor_rtt = self.queue_delay.recent_floor_s(now)
         copies = self.video_repeat.decide(
             self._loss,
-            self.queue_delay.recent_floor_s(now),
+            floor_rtt if floor_rtt is not None else self.estimator.snapshot(now).rtt_s,
             estimate - audio_reserve,
             min(rungs, default=None),
         )

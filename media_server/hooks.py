@@ -585,7 +585,6 @@ class ReceiverReport:
     highest_sequence: int = 0  # extended highest sequence number received
     rtt_s: float | None = None  # aiortc's smoothed RTT from LSR/DLSR, once known
     rtt_sample_s: float | None = None  # this block's round trip alone (any recent SR)
-    sample_sr_age_s: float | None = None  # how long ago the SR it answers left
 
 
 class SenderFeedback:
@@ -775,11 +774,10 @@ def _dispatch_feedback(
                 # idle sender (paused video) keeps an old one, maybe from a better link
                 fresh = report.dlsr and report.lsr == getattr(sender, _SENDER_LSR_ATTR, None)
                 rtt = getattr(sender, _SENDER_RTT_ATTR, None) if fresh else None
-                sample = age = None
+                sample = None
                 sent_at = sent.sent_at(report.lsr) if report.dlsr else None
                 if sent_at is not None:  # this block's own round trip, unsmoothed
-                    age = time.time() - sent_at
-                    sample = age - report.dlsr / 65536
+                    sample = time.time() - sent_at - report.dlsr / 65536
                 feedback.on_report(
                     ReceiverReport(
                         fraction_lost=report.fraction_lost / 256.0,
@@ -788,7 +786,6 @@ def _dispatch_feedback(
                         highest_sequence=report.highest_sequence,
                         rtt_s=float(rtt) if rtt is not None else None,
                         rtt_sample_s=sample if sample is not None and sample >= 0 else None,
-                        sample_sr_age_s=age if sample is not None and sample >= 0 else None,
                     )
                 )
 

@@ -51,13 +51,6 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from typing import NamedTuple
-
-
-class _Sample(NamedTuple):
-    at: float  # when it arrived
-    rtt: float
-    sent: float  # when the SR it answers left
 
 
 class QueueDelay:
@@ -87,17 +80,16 @@ class QueueDelay:
         self.min_samples = min_samples
         self.threshold_s = threshold_s
         self.threshold_share = threshold_share
-        self._samples: deque[_Sample] = deque()
+        self._samples: deque[tuple[float, float]] = deque()  # (when, rtt)
         self._lossy_at = -math.inf  # when loss was last heavy
 
-    def add(self, rtt_s: float, now: float, sent: float | None = None) -> None:
-        """One round-trip sample; ``sent``: when the SR it answers left (default:
-        ``now - rtt_s``, as if the receiver had answered at once)."""
+    def add(self, rtt_s: float, now: float) -> None:
+        """One round-trip sample."""
         if rtt_s < 0:
             return
         self._trim(now)
         self._follow_faster_link(rtt_s)
-        self._samples.append(_Sample(now, rtt_s, now - rtt_s if sent is None else sent))
+        self._samples.append((now, rtt_s))
         self._follow_new_link(now)
         base = self.base_s(now)
         if base is not None and rtt_s - base < self._threshold(base):
@@ -112,23 +104,15 @@ class QueueDelay:
         self._trim(now)
         if len(self._samples) < self.min_samples:
             return None
-        return min(s.rtt for s in self._samples)
+        return min(rtt for _, rtt in self._samples)
 
     def recent_floor_s(self, now: float, span_s: float = 3.0) -> float | None:
-        """The smallest round trip of the SRs sent in the last ``span_s`` (None: no
-        sample that recent).
+        """The smallest round trip of the last ``span_s`` (None: no sample that recent).
 
         What the link's round trip is now, after a change of link, sooner than
-        :meth:`base_s` (whose window still remembers the old link).  A sample is
-        dated by its SR's departure, not by its arrival: a block answering an SR
-        that left before a change of link took the old path one way and the new
-        one back, and arrives up to the receiver's report interval (1.5 s) later.
-        Dated by arrival, such a sample (0.37-0.48 s, 3G's 150 ms to a
-        satellite's 600 ms) held a 3 s floor down until 4.7 s after the change
-        and the satellite viewer's video copies started late (converged at
-        5.3 s)."""
+        :meth:`base_s` (whose window still remembers the old link)."""
         self._trim(now)
-        recent = [s.rtt for s in self._samples if now - s.sent <= span_s]
+        recent = [rtt for at, rtt in self._samples if now - at <= span_s]
         return min(recent) if recent else None
 
     def queued_s(self, now: float) -> float | None:
@@ -142,12 +126,12 @@ class QueueDelay:
         return None if base is None else self._queued_above(base)
 
     def _queued_above(self, base_s: float) -> float:
-        return min(self._samples[-1].rtt, self._samples[-2].rtt) - base_s
+        return min(self._samples[-1][1], self._samples[-2][1]) - base_s
 
     def _fresh_base_s(self, now: float) -> float | None:
         """:meth:`base_s`, or None when the newest sample is older than ``stale_s``."""
         base = self.base_s(now)
-        return None if base is None or now - self._samples[-1].at > self.stale_s else base
+        return None if base is None or now - self._samples[-1][0] > self.stale_s else base
 
     def depth(self, now: float) -> float | None:
         """The queue (:meth:`queued_s`) in thresholds (None: too few or stale samples)."""
@@ -185,8 +169,8 @@ class QueueDelay:
         samples = self._samples
         if len(samples) < self.min_samples + 1:
             return
-        previous = samples[-1].rtt
-        older = min(s.rtt for s in list(samples)[:-1])
+        previous = samples[-1][1]
+        older = min(rtt for _, rtt in list(samples)[:-1])
         if all(r < older / 2 and older - r >= self.faster_below_s for r in (previous, rtt_s)):
             self.faster_links += 1  # the floor (the smallest sample) is the new path's now
             self._followed_queue = None
@@ -194,15 +178,15 @@ class QueueDelay:
     def _follow_new_link(self, now: float) -> None:
         """Forget the samples before a round trip that moved up and stayed put."""
         samples = self._samples
-        recent = [s for s in samples if now - s.at <= self.settle_s]
+        recent = [(at, rtt) for at, rtt in samples if now - at <= self.settle_s]
         if len(recent) < self.min_samples or len(recent) == len(samples):
             return
-        if now - recent[0].at < self.settle_s / 2:
+        if now - recent[0][0] < self.settle_s / 2:
             return  # a moment, not a level
         if now - self._lossy_at <= self.settle_s:
             return  # maybe a full queue
-        low, high = min(s.rtt for s in recent), max(s.rtt for s in recent)
-        base = min(s.rtt for s in samples)
+        low, high = min(rtt for _, rtt in recent), max(rtt for _, rtt in recent)
+        base = min(rtt for _, rtt in samples)
         threshold = self._threshold(low)
         if low - base >= threshold and high - low < threshold:
             while len(samples) > len(recent):
@@ -214,7 +198,7 @@ class QueueDelay:
         """Base, newest sample and recent floor (seconds), new links seen: for the media stats."""
         return {
             "base_s": self.base_s(now),
-            "last_s": self._samples[-1].rtt if self._samples else None,
+            "last_s": self._samples[-1][1] if self._samples else None,
             "recent_floor_s": self.recent_floor_s(now),
             "samples": len(self._samples),
             "new_links": self.new_links,
@@ -223,5 +207,5 @@ class QueueDelay:
 
     def _trim(self, now: float) -> None:
         samples = self._samples
-        while samples and now - samples[0].at > self.window_s:
+        while samples and now - samples[0][0] > self.window_s:
             samples.popleft()

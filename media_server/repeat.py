@@ -18,8 +18,7 @@ Rule (:class:`VideoRepeat`, pure, called once per adaptation tick):
   repeated packet for packet: audio originals, the mix's copies, videos sent
   once; a repeated stream's receiver reports hide the loss) is at least
   ``on_loss`` (1 %) and the round trip at least ``on_rtt_s`` (550 ms; the
-  adaptation passes the floor of the round trips of the SRs sent in the last
-  3 s, :meth:`~media_server.queuedelay.QueueDelay.recent_floor_s`), and the video
+  adaptation passes the floor of the last 3 s of round trips), and the video
   budget (the estimate after audio) covers the cheapest rung twice with
   ``on_budget_share`` (15 %) to spare.  A queue on a congested terrestrial
   link lifts the round trips' floor too: in the weak-link
@@ -96,7 +95,7 @@ class VideoRepeat:
         """Copies of each rung packet from now on.
 
         ``loss``: the link's smoothed loss (0..1) from streams sent once;
-        ``rtt_s``: the floor of the round trips of the last 3 s' SRs;
+        ``rtt_s``: the floor of the last 3 s of round trips;
         ``video_budget_bps``: the estimate less what audio takes;
         ``cheapest_rung_bps``: one copy of the lowest rung on offer (None: no rungs).
         """

@@ -127,13 +127,10 @@ async def test_round_trip_samples_keep_coming_when_the_round_trip_exceeds_the_sr
     )
     pair = VideoPair(clip, LinkEmulator(long_link, seed=1))
     samples: list[float] = []
-    answered_after: list[float] = []  # the SR's age less the round trip: the receiver's wait
 
     def on_report(report: hooks.ReceiverReport) -> None:
         if report.rtt_sample_s is not None:
             samples.append(report.rtt_sample_s)
-            assert report.sample_sr_age_s is not None
-            answered_after.append(report.sample_sr_age_s - report.rtt_sample_s)
 
     hooks.tap_sender(
         pair.transceiver.sender,
@@ -149,7 +146,5 @@ async def test_round_trip_samples_keep_coming_when_the_round_trip_exceeds_the_sr
         # the receiver reports every 0.5-1.5 s; matching only the latest SR gave none
         assert len(samples) >= 5, f"only {len(samples)} round-trip samples in 10 s"
         assert all(1.5 <= s <= 1.9 for s in samples), samples
-        # each sample is dated by its SR: the receiver answered within its report interval
-        assert all(0.0 <= wait <= 1.6 for wait in answered_after), answered_after
     finally:
         await pair.close()

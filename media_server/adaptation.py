@@ -642,10 +642,11 @@ class SubscriberAdaptation:
         if not (self.video_repeat.link_needs and video_flowing):
             return None
         delivered = self.estimator.delivered_bps(now)
-        limits = [self.step_memory.limit_bps(now)]
-        if delivered is not None:
-            limits.append(RISE_LIMIT_FACTOR * delivered + RISE_LIMIT_ADD_BPS)
-        return min((limit for limit in limits if limit is not None), default=None)
+        limit = self.step_memory.limit_bps(now)
+        if delivered is None:
+            return limit
+        clamp = RISE_LIMIT_FACTOR * delivered + RISE_LIMIT_ADD_BPS
+        return clamp if limit is None else min(limit, clamp)
 
     def _repeat(self, slot: Slot, copies: int) -> None:
         """Send every packet of ``slot`` ``copies`` times from now on."""

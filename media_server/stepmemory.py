@@ -8,8 +8,9 @@ and the allocator spends it on the next rung.  On a satellite link (300 kbit/s,
 delivered) is 180p twice (~350 kbit/s): it fills the link's queue within a
 second or two, the receiver's REMB collapses (to ~150 kbit/s), loss cuts for
 the overflow follow, and every video may pause.  In the weak-link benchmark
-the estimate climbed to 450-590 kbit/s and was cut two to four times in every
-satellite minute of thirteen runs; twice everything paused (for 2.5 and 11.5 s).
+the estimate peaked at 456-591 kbit/s in 11 of 13 satellite minutes, with up
+to four cuts of more than 20 % a minute; twice everything paused (for 2.5 and
+11.5 s).
 
 So a cut that comes within ``blame_s`` of a step up (the allocation got dearer)
 is the step's failure: for ``hold_s`` the estimate may rise no higher than
